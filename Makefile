@@ -1,0 +1,51 @@
+# imds-tracer: `make run` starts the agent, `make test` runs every test.
+# Both install what is missing first (OS packages, kernel headers, the venv).
+
+PYTHON_OS  ?= /usr/bin/python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+OS_STAMP   := .os-deps.stamp
+# OS packages: BCC from the distribution (not PyPI), headers for it to compile against,
+# and the real tools the tests drive (tcpdump, curl, iproute2, promtool, dpkg-deb, tshark).
+OS_PACKAGES ?= python3-bpfcc python3-venv python3-pip iproute2 tcpdump curl \
+	prometheus dpkg-dev fakeroot rpm tshark systemd
+
+.PHONY: all deps os-deps venv run test test-unit bench deb rpm clean
+
+all: test
+
+os-deps: $(OS_STAMP)
+$(OS_STAMP): scripts/install-os-deps.sh
+	OS_PACKAGES="$(OS_PACKAGES)" sh scripts/install-os-deps.sh
+	touch $@
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml | $(OS_STAMP)
+	test -x $(PY) || $(PYTHON_OS) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+deps: venv
+
+run: deps
+	$(VENV)/bin/imds-tracer run $(ARGS)
+
+test: deps
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+test-unit: deps
+	$(PY) -m pytest -ra tests/unit tests/replay $(PYTEST_ARGS)
+
+bench: deps
+	$(PY) bench/run_all.py
+
+deb: deps
+	sh packaging/deb/build.sh
+
+rpm: deps
+	sh packaging/rpm/build.sh
+
+clean:
+	rm -rf $(VENV) $(OS_STAMP) dist build *.egg-info .pytest_cache

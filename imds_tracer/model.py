@@ -1,0 +1,133 @@
+"""The data that flows through the pipeline, from a source's raw chunk to a sink's record.
+
+Sources (kernel or replay) produce `Chunk`s; `flows.FlowTable` turns them into
+`RequestHead`s with an optional response status; `classify` adds a `Classification`;
+`enrich` adds the process story; sinks receive a finished `RequestRecord`.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Hashable
+
+
+class Direction(enum.Enum):
+    REQUEST = "request"    # bytes the local process sent to the metadata address
+    RESPONSE = "response"  # bytes the local process received back
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSnapshot:
+    """What the kernel knew about the sender at send time. Unknown fields are None."""
+    pid: int
+    tid: int | None = None
+    uid: int | None = None
+    comm: str | None = None
+    cgroup_id: int | None = None
+    ppid: int | None = None
+    # argv captured by the kernel at exec time, for processes gone before user space looks.
+    argv: tuple[str, ...] | None = None
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One piece of a connection's byte stream, as a source saw it."""
+    flow: Hashable           # stable for the life of one connection, unique among live ones
+    direction: Direction
+    data: bytes
+    ts: float                # seconds since the epoch
+    dst_ip: str              # the metadata address (the remote end), textual form
+    dst_port: int
+    source: str              # "kprobe" | "tracepoint" | "replay"
+    process: ProcessSnapshot | None = None
+    seq: int | None = None   # TCP sequence number of data[0] (replay); None: in order
+    lost: int = 0            # bytes that followed `data` in this send but were not copied
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str              # request target as sent, query included
+    version: str
+    headers: tuple[tuple[str, str], ...]  # in order, names as sent
+
+    def header(self, name: str) -> str | None:
+        """First value of a header, case-insensitively; None when absent."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    def has_header(self, name: str) -> bool:
+        return self.header(name) is not None
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+@dataclass(slots=True)
+class Exchange:
+    """A request (parsed or not) on one flow, with the response status once seen."""
+    flow: Hashable
+    ts: float
+    dst_ip: str
+    dst_port: int
+    source: str
+    process: ProcessSnapshot | None
+    head: RequestHead | None          # None: the bytes were not an HTTP request head
+    raw: bytes = b""                  # the first bytes, kept for unparsed requests
+    status: int | None = None
+    truncated: bool = False           # part of the head was not captured
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    provider: str    # aws aliyun azure gcp oci openstack digitalocean tencent unknown
+    mode: str        # normal hardened n/a unknown
+    problems: tuple[str, ...] = ()
+    level: str = "INFO"   # WARNING for normal mode, ERROR for problems, else INFO
+    note: str | None = None  # why, when the level was lowered (e.g. another cloud's probe)
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int | None
+    comm: str | None
+    argv: tuple[str, ...] | None
+    exe: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    runtime: str            # docker containerd cri-o podman kubernetes systemd-nspawn lxc
+    id: str | None
+    pod_uid: str | None = None
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything the sinks need about one request. Secrets already redacted."""
+    time: float
+    level: str
+    provider: str
+    mode: str
+    problems: tuple[str, ...]
+    method: str | None
+    path: str | None
+    version: str | None
+    headers: dict[str, str]
+    dst_ip: str
+    dst_port: int
+    status: int | None
+    source: str
+    process: ProcessInfo | None
+    parents: tuple[ProcessInfo, ...] = ()
+    uid: int | None = None
+    cgroup_id: int | None = None
+    container: Container | None = None
+    note: str | None = None
+    truncated: bool = False
+    raw_excerpt: str | None = None  # escaped, for unparsed requests only
+    extra: dict = field(default_factory=dict)
