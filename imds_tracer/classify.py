@@ -1,0 +1,186 @@
+"""Provider, mode and problems of one request: the classification table of SPEC §2.
+
+Pure functions of (request head, destination, response status, the VM's cloud). The token
+protocols of AWS, Alibaba and Huawei differ only in names, so they are one table.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .model import Classification, Exchange, RequestHead
+
+TTL_MIN, TTL_MAX = 1, 21600
+
+
+@dataclass(frozen=True)
+class TokenProtocol:
+    """A session-token ("hardened mode") protocol: PUT a TTL, then send the token."""
+    token_path: str
+    ttl_header: str
+    token_header: str
+
+
+TOKEN_PROTOCOLS = {
+    "aws": TokenProtocol("/latest/api/token", "x-aws-ec2-metadata-token-ttl-seconds",
+                         "x-aws-ec2-metadata-token"),
+    "aliyun": TokenProtocol("/latest/api/token", "x-aliyun-ecs-metadata-token-ttl-seconds",
+                            "x-aliyun-ecs-metadata-token"),
+    # Huawei Cloud's OpenStack-style metadata service has the same scheme.
+    "huawei": TokenProtocol("/meta-data/latest/api/token", "x-metadata-token-ttl-seconds",
+                            "x-metadata-token"),
+}
+
+# Which provider an address belongs to when the address alone decides.
+ADDRESS_PROVIDERS = {
+    "100.100.100.200": "aliyun",
+    "fd00:ec2::254": "aws",
+    "169.254.0.23": "tencent",
+}
+
+_EC2_PATH = re.compile(r"^/(latest|\d{4}-\d{2}-\d{2}|1\.0)(/|$)")
+_DO_PATH = re.compile(r"^/metadata/v1([/.]|$)")
+
+# The clouds whose requests count as "this VM's own" for each detected cloud.
+SAME_CLOUD = {"huawei": {"openstack", "huawei"}}
+
+# DMI strings (sys_vendor, product_name, board_vendor, chassis_asset_tag) -> cloud.
+DMI_CLOUDS = (
+    ("amazon ec2", "aws"), ("amazon", "aws"),
+    ("alibaba cloud", "aliyun"),
+    ("microsoft corporation", "azure"),
+    ("google", "gcp"),
+    ("oraclecloud", "oci"),
+    ("huawei", "huawei"),
+    ("openstack", "openstack"),
+    ("digitalocean", "digitalocean"),
+    ("tencent", "tencent"),
+)
+
+
+def detect_cloud(dmi_dir: str = "/sys/class/dmi/id") -> str | None:
+    """The cloud this VM runs on, from DMI; None when there is no DMI or nothing matches."""
+    values = []
+    for name in ("sys_vendor", "product_name", "board_vendor", "chassis_asset_tag",
+                 "chassis_vendor", "bios_vendor"):
+        try:
+            values.append(Path(dmi_dir, name).read_text(errors="replace").strip().lower())
+        except OSError:
+            continue
+    for value in values:
+        for needle, cloud in DMI_CLOUDS:
+            if needle in value:
+                if cloud == "azure" and "virtual machine" not in " ".join(values):
+                    continue  # Microsoft hardware that is not an Azure VM
+                return cloud
+    return None
+
+
+def _query(target: str) -> str:
+    return target.split("?", 1)[1] if "?" in target else ""
+
+
+def provider_of(head: RequestHead, dst_ip: str, cloud: str | None) -> str:
+    """Who a request is meant for, from its address, headers and path (SPEC §2 table)."""
+    by_address = ADDRESS_PROVIDERS.get(dst_ip)
+    if by_address:
+        return by_address
+    names = {name.lower() for name, _ in head.headers}
+    if any(n.startswith("x-aliyun-ecs-metadata-") for n in names):
+        return "aliyun"
+    if any(n.startswith("x-aws-ec2-metadata-") for n in names):
+        return "aws"
+    if any(n.startswith("x-metadata-token") for n in names) or \
+            head.path.startswith("/meta-data/latest/api/token"):
+        return "huawei" if cloud == "huawei" else "openstack"
+    path = head.path
+    if _DO_PATH.match(path):
+        return "digitalocean"
+    if path == "/metadata" or path.startswith("/metadata/"):
+        return "azure"
+    if path.startswith("/computeMetadata") or "metadata-flavor" in names:
+        return "gcp"
+    if path.startswith("/opc/"):
+        return "oci"
+    if path.startswith("/openstack"):
+        return "huawei" if cloud == "huawei" else "openstack"
+    if _EC2_PATH.match(path) or path == "/":
+        if cloud in ("openstack", "huawei"):
+            return cloud  # the EC2-compatible API of an OpenStack cloud
+        return "aws"
+    return "unknown"
+
+
+def _token_mode(head: RequestHead, proto: TokenProtocol, status: int | None):
+    problems = []
+    token = head.header(proto.token_header)
+    if head.method == "PUT" and head.path == proto.token_path:
+        ttl = head.header(proto.ttl_header)
+        if ttl is None:
+            problems.append("ttl_missing")
+        elif not (ttl.strip().isdigit() and TTL_MIN <= int(ttl.strip()) <= TTL_MAX):
+            problems.append("ttl_out_of_range")
+        if head.has_header("x-forwarded-for"):
+            problems.append("x_forwarded_for")
+        return "hardened", problems
+    if token is not None:
+        if not token.strip():
+            problems.append("empty_token")
+        elif status in (401, 403):
+            problems.append("invalid_token")
+        return "hardened", problems
+    return "normal", problems
+
+
+def _mode_and_problems(provider: str, head: RequestHead, status: int | None,
+                       cloud: str | None):
+    if provider in ("aws", "aliyun"):
+        return _token_mode(head, TOKEN_PROTOCOLS[provider], status)
+    if provider in ("huawei", "openstack"):
+        proto = TOKEN_PROTOCOLS["huawei"]
+        if provider == "huawei" or head.has_header(proto.token_header) or \
+                head.has_header(proto.ttl_header):
+            return _token_mode(head, proto, status)
+        return "n/a", []  # plain OpenStack has no token mode
+    problems = []
+    if provider == "azure":
+        if (head.header("metadata") or "").strip().lower() != "true":
+            problems.append("missing_metadata_header")
+        if "api-version=" not in _query(head.target):
+            problems.append("missing_api_version")
+        if head.has_header("x-forwarded-for"):
+            problems.append("x_forwarded_for")
+        return "n/a", problems
+    if provider == "gcp":
+        if (head.header("metadata-flavor") or "").strip() != "Google":
+            problems.append("missing_metadata_flavor")
+        return "n/a", problems
+    if provider == "oci":
+        if head.path.startswith("/opc/v1/") or head.path == "/opc/v1":
+            return "normal", problems
+        if head.path.startswith("/opc/v2"):
+            if (head.header("authorization") or "").strip() != "Bearer Oracle":
+                problems.append("missing_bearer")
+            return "hardened", problems
+        return "n/a", problems
+    if provider == "unknown":
+        return "unknown", problems
+    return "n/a", problems
+
+
+def classify(exchange: Exchange, cloud: str | None = None) -> Classification:
+    """`cloud`: the VM's cloud when known (DMI or config), else None."""
+    head = exchange.head
+    if head is None:
+        return Classification("unknown", "unknown", ("unparsed",), "ERROR")
+    provider = provider_of(head, exchange.dst_ip, cloud)
+    mode, problems = _mode_and_problems(provider, head, exchange.status, cloud)
+    problems = tuple(sorted(set(problems)))
+    level = "WARNING" if mode == "normal" else "ERROR" if problems else "INFO"
+    note = None
+    if cloud and provider != "unknown" and provider != cloud and \
+            provider not in SAME_CLOUD.get(cloud, ()):
+        # e.g. an SDK probing every cloud's endpoint at start-up: not this VM's IMDS
+        level, note = "INFO", f"{provider}-style request on a {cloud} VM"
+    return Classification(provider, mode, problems, level, note)

@@ -1,0 +1,261 @@
+"""`imds-tracer`: run | replay | report | doctor. Errors are one line and a non-zero exit."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import __version__
+from .classify import detect_cloud
+from .config import BACKENDS, CLOUDS, Config, ConfigError, load, override, parse_metrics_addr
+from .enrich import Enricher
+from .pipeline import Pipeline
+from .report import ReportError
+from .sinks.console import ConsoleSink
+from .sinks.jsonl import JsonLinesSink
+from .sinks.metrics import MetricsError, MetricsSink
+from .sinks.tracelog import TraceLogSink
+from .sources.base import SourceError
+
+log = logging.getLogger("imds_tracer")
+EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _metrics_arg(value: str) -> str:
+    try:
+        return parse_metrics_addr(value) or ""
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imds-tracer", description=(
+        "Find the processes that read the cloud instance metadata service (IMDS) in normal "
+        "(token-less) mode, so hardened-only mode (IMDSv2, Alibaba 加固模式) can be enforced "
+        "without breaking them."))
+    parser.add_argument("--version", action="version", version=f"imds-tracer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def common(p, *, metrics_default_help: str):
+        p.add_argument("--config", metavar="FILE",
+                       help="config file (default /etc/imds-tracer/config.toml if present)")
+        p.add_argument("--log-dir", metavar="DIR", help="trace log directory (/var/log/imds)")
+        p.add_argument("--json", metavar="FILE|-", help="also write JSON lines here")
+        p.add_argument("--metrics-addr", metavar="HOST:PORT", type=_metrics_arg,
+                       help=metrics_default_help)
+        p.add_argument("--cloud", choices=CLOUDS,
+                       help="the cloud this VM runs on (default: auto, from DMI)")
+        p.add_argument("--quiet", action="store_true", help="no per-request console lines")
+
+    run = sub.add_parser("run", help="the live agent (BCC)",
+                         description="Capture metadata requests in the kernel and log them.")
+    run.add_argument("--backend", choices=BACKENDS, help="kernel source (default: auto)")
+    common(run, metrics_default_help='Prometheus endpoint (default 127.0.0.1:9796; "" off)')
+
+    replay = sub.add_parser("replay", help="run the pipeline on pcap/pcapng files",
+                            description="Replay captures through the agent's pipeline.")
+    replay.add_argument("files", nargs="+", metavar="FILE")
+    common(replay, metrics_default_help="serve Prometheus metrics while replaying (off)")
+    replay.add_argument("--linger", action="store_true",
+                        help="keep serving metrics after the replay until interrupted")
+    replay.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress line on stderr (default: when stderr is a terminal)")
+
+    report = sub.add_parser("report", help="offenders in the trace logs and the verdict",
+                            description="List normal-mode offenders; exit 0 when it is safe "
+                                        "to enforce hardened-only mode, 1 when not, 2 on error.")
+    report.add_argument("--config", metavar="FILE")
+    report.add_argument("--log-dir", metavar="DIR")
+    report.add_argument("--since", default="14d", help="window, e.g. 14d, 12h (default 14d)")
+    report.add_argument("--json", action="store_true", help="machine-readable output")
+
+    doctor = sub.add_parser("doctor", help="what this kernel supports and which backend runs")
+    doctor.add_argument("--config", metavar="FILE")
+    return parser
+
+
+def _config(args) -> Config:
+    config = load(args.config, required=args.config is not None)
+    flags = {"log_dir": getattr(args, "log_dir", None),
+             "backend": getattr(args, "backend", None),
+             "cloud": getattr(args, "cloud", None)}
+    json_target = getattr(args, "json", None)
+    if isinstance(json_target, str):
+        flags["json"] = json_target
+    metrics = getattr(args, "metrics_addr", None)
+    if metrics is not None:
+        flags["metrics_addr"] = metrics or None
+    if getattr(args, "quiet", False):
+        flags["console"] = False
+    return override(config, **flags)
+
+
+def _cloud(config: Config) -> str | None:
+    if config.cloud == "auto":
+        return detect_cloud()
+    return None if config.cloud == "none" else config.cloud
+
+
+def _build(config: Config, *, backend: str, console: bool, metrics_addr: str | None,
+           enricher: Enricher | None) -> tuple[Pipeline, MetricsSink]:
+    """The sinks and the pipeline, the same for run and replay."""
+    cloud = _cloud(config)
+    metrics = MetricsSink(backend=backend, cloud=cloud, max_exe_labels=config.max_exe_labels)
+    if metrics_addr:
+        metrics.serve(metrics_addr)
+    sinks: list = [metrics]
+    pipeline = Pipeline(config, sinks, cloud=cloud, enricher=enricher)
+    failed = lambda n: pipeline.drop("log_write", n)  # noqa: E731
+    try:
+        sinks.append(TraceLogSink(config.log_dir, config.log_max_bytes, config.log_backups,
+                                  on_failure=failed))
+        if config.json:
+            sinks.append(JsonLinesSink(config.json, on_failure=failed))
+    except OSError as exc:
+        metrics.close()
+        where = exc.filename or config.log_dir
+        raise ConfigError(f"cannot write {where}: {exc.strerror} (--log-dir / log.dir)") \
+            from None
+    if console:
+        sinks.append(ConsoleSink())
+    pipeline.sinks = sinks
+    return pipeline, metrics
+
+
+def cmd_replay(args) -> int:
+    from .sources.replay import PcapReplay
+
+    config = _config(args)
+    # the trace log (and --json) are the output: no per-request console lines
+    pipeline, metrics = _build(config, backend="replay", console=False,
+                               metrics_addr=config.metrics_addr if args.metrics_addr else None,
+                               enricher=None)
+    replay = PcapReplay(config.addresses, config.ports, progress=args.progress)
+    errors = 0
+    for path in args.files:
+        try:
+            replay.replay(path, pipeline)
+        except SourceError as exc:
+            print(f"imds-tracer: error: {exc}", file=sys.stderr)
+            errors += 1
+    pipeline.flush()
+    print(f"imds-tracer: replayed {replay.stats.packets} packets from {len(args.files)} "
+          f"file(s): {pipeline.requests} request(s) to metadata addresses", file=sys.stderr)
+    if args.linger and metrics.port:
+        print(f"imds-tracer: serving metrics on {config.metrics_addr}; Ctrl-C to stop",
+              file=sys.stderr)
+        _wait_for_signal()
+    pipeline.close()
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+def _wait_for_signal() -> None:
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while not stop:
+        time.sleep(0.2)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) we are ready; nothing when not under systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(path)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+def cmd_run(args) -> int:
+    from .sources.kernel import open_source
+
+    config = _config(args)
+    source = open_source(config, config.backend)  # raises SourceError
+    pipeline, _metrics = _build(config, backend=source.name, console=config.console,
+                                metrics_addr=config.metrics_addr,
+                                enricher=Enricher(parents=config.parents))
+    flags = {"stop": False, "reopen": False}
+    signal.signal(signal.SIGTERM, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGINT, lambda *_: flags.__setitem__("stop", True))
+    signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reopen", True))
+    try:
+        probes = source.start()
+        if probes <= 0:
+            raise SourceError(f"backend {source.name} attached no probe; "
+                              "run 'imds-tracer doctor'")
+        print(f"ready backend={source.name} probes={probes}", file=sys.stderr, flush=True)
+        log.info("capturing requests to %s on port(s) %s with the %s backend",
+                 ", ".join(config.addresses), ", ".join(map(str, config.ports)), source.name)
+        sd_notify("READY=1\nSTATUS=capturing with the %s backend" % source.name)
+        while not flags["stop"]:
+            source.poll(pipeline, 200)
+            pipeline.tick(time.time())
+            if flags["reopen"]:
+                flags["reopen"] = False
+                pipeline.reopen()
+                log.info("log files reopened (SIGHUP)")
+    finally:
+        sd_notify("STOPPING=1")
+        source.stop()
+        pipeline.flush(time.time())
+        pipeline.close()
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    config = _config(args)
+    since = report.parse_since(args.since)
+    summary = report.summarise(config.log_dir, since)
+    render = report.render_json if args.json else report.render_text
+    return EXIT_OK if render(summary, since) else EXIT_FOUND
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main(_config(args))
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="imds-tracer: %(levelname)s: %(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_ERROR
+        command = {"run": cmd_run, "replay": cmd_replay, "report": cmd_report,
+                   "doctor": cmd_doctor}[args.command]
+        return command(args)
+    except (UsageError, ConfigError, SourceError, MetricsError, ReportError) as exc:
+        print(f"imds-tracer: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Who sent a request: argv, the parent chain and the container, from /proc and cgroups.
+
+The kernel snapshot (pid, comm, cgroup id, and where the source has them, argv captured at
+exec time and the parent pid) is the ground truth; /proc fills in what is still there. A
+process that exited before we looked keeps the kernel's argv; its parents usually live on.
+Parents are cached by (pid, start time) so that a busy shell is read once, not per request.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+
+from .model import Container, ProcessInfo, ProcessSnapshot
+
+CACHE_SIZE = 4096
+
+# cgroup path patterns of the container runtimes, most specific first.
+_CONTAINER_PATTERNS = (
+    (re.compile(r"cri-containerd-([0-9a-f]{64})\.scope"), "containerd"),
+    (re.compile(r"crio-([0-9a-f]{64})\.scope"), "cri-o"),
+    (re.compile(r"docker-([0-9a-f]{64})\.scope"), "docker"),
+    (re.compile(r"libpod-([0-9a-f]{64})\.scope"), "podman"),
+    (re.compile(r"/docker/([0-9a-f]{64})(?:/|$)"), "docker"),
+    (re.compile(r"/containerd/([0-9a-f]{64})(?:/|$)"), "containerd"),
+    (re.compile(r"/lxc(?:\.payload)?[./]([^/]+)"), "lxc"),
+    (re.compile(r"machine-([^/]+)\.scope"), "systemd-nspawn"),
+)
+_POD = re.compile(r"kubepods.*?pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}"
+                  r"[-_][0-9a-f]{12})")
+_K8S_CONTAINER = re.compile(r"/(?:[a-z-]+-)?([0-9a-f]{64})(?:\.scope)?$")
+
+
+def container_from_cgroup(path: str) -> Container | None:
+    """Container of a cgroup v2 path such as
+    /kubepods.slice/.../kubepods-pod<uid>.slice/cri-containerd-<id>.scope."""
+    if not path or path == "/":
+        return None
+    pod = _POD.search(path)
+    pod_uid = pod.group(1).replace("_", "-") if pod else None
+    for pattern, runtime in _CONTAINER_PATTERNS:
+        match = pattern.search(path)
+        if match:
+            return Container(runtime=runtime, id=match.group(1), pod_uid=pod_uid)
+    if pod_uid:
+        match = _K8S_CONTAINER.search(path)
+        return Container(runtime="kubernetes", id=match.group(1) if match else None,
+                         pod_uid=pod_uid)
+    return None
+
+
+def _cgroup2_mount(proc: str) -> str | None:
+    try:
+        with open(os.path.join(proc, "self/mountinfo")) as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                if right.startswith("cgroup2 "):
+                    return left.split()[4]
+    except OSError:
+        pass
+    return None
+
+
+class Enricher:
+    def __init__(self, parents: int = 3, proc: str = "/proc"):
+        self.parents = parents
+        self.proc = proc
+        self._cache: OrderedDict = OrderedDict()   # (pid, starttime) -> (ProcessInfo, ppid)
+        self._cgroup_paths: dict[int, str] = {}    # cgroup id (inode) -> path
+        self._cgroup_root = _cgroup2_mount(proc)
+
+    # -- /proc readers (None when the process is gone or unreadable) --------------------
+    def _read(self, pid: int, name: str) -> bytes | None:
+        try:
+            with open(f"{self.proc}/{pid}/{name}", "rb") as fh:
+                return fh.read(65536)
+        except OSError:
+            return None
+
+    def _stat(self, pid: int) -> tuple[str, int, int] | None:
+        """(comm, ppid, starttime) from /proc/PID/stat."""
+        raw = self._read(pid, "stat")
+        if not raw:
+            return None
+        lpar, rpar = raw.find(b"("), raw.rfind(b")")
+        fields = raw[rpar + 2:].split()
+        try:
+            return raw[lpar + 1:rpar].decode("utf-8", "replace"), int(fields[1]), int(fields[19])
+        except (IndexError, ValueError):
+            return None
+
+    def _argv(self, pid: int) -> tuple[str, ...] | None:
+        raw = self._read(pid, "cmdline")
+        if not raw:
+            return None
+        return tuple(a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0"))
+
+    def _exe(self, pid: int) -> str | None:
+        try:
+            return os.readlink(f"{self.proc}/{pid}/exe")
+        except OSError:
+            return None
+
+    def _live(self, pid: int) -> tuple[ProcessInfo, int] | None:
+        """A live process, cached by (pid, start time) so pid reuse is not confused."""
+        stat = self._stat(pid)
+        if stat is None:
+            return None
+        comm, ppid, start = stat
+        key = (pid, start)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        info = ProcessInfo(pid=pid, comm=comm, argv=self._argv(pid), exe=self._exe(pid))
+        self._cache[key] = (info, ppid)
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return info, ppid
+
+    # -- the answer ---------------------------------------------------------------------
+    def describe(self, snap: ProcessSnapshot | None):
+        """(process, parents nearest first, container) for a kernel snapshot."""
+        if snap is None:
+            return None, (), None
+        live = self._live(snap.pid)
+        if live is not None and snap.comm and live[0].comm != snap.comm[:15] \
+                and snap.argv is None:
+            live = None  # the pid now belongs to another program
+        if live is not None:
+            info, ppid = live
+            if snap.argv:  # exec-time argv is the truth at send time
+                info = ProcessInfo(snap.pid, snap.comm or info.comm, snap.argv, info.exe)
+        else:
+            info = ProcessInfo(pid=snap.pid, comm=snap.comm, argv=snap.argv)
+            ppid = snap.ppid
+        if snap.ppid:
+            ppid = snap.ppid
+        return info, self._parents(ppid), self._container(snap)
+
+    def _parents(self, ppid: int | None) -> tuple[ProcessInfo, ...]:
+        chain = []
+        while ppid and len(chain) < self.parents:
+            live = self._live(ppid)
+            if live is None:
+                chain.append(ProcessInfo(pid=ppid, comm=None, argv=None))
+                break
+            info, ppid = live
+            chain.append(info)
+        return tuple(chain)
+
+    def _container(self, snap: ProcessSnapshot) -> Container | None:
+        path = self._cgroup_of_pid(snap.pid)
+        if path is None and snap.cgroup_id and snap.cgroup_id > 1:
+            path = self._cgroup_by_id(snap.cgroup_id)
+        return container_from_cgroup(path) if path else None
+
+    def _cgroup_of_pid(self, pid: int) -> str | None:
+        raw = self._read(pid, "cgroup")
+        if not raw:
+            return None
+        fallback = None
+        for line in raw.decode("utf-8", "replace").splitlines():
+            hier, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if hier == "0" and controllers == "":
+                return path                      # the cgroup v2 line
+            if fallback is None or controllers.endswith("systemd"):
+                fallback = path
+        return fallback
+
+    def _cgroup_by_id(self, cgroup_id: int) -> str | None:
+        """A gone process: find its cgroup directory by inode (cgroup v2 ids are inodes)."""
+        if cgroup_id in self._cgroup_paths:
+            return self._cgroup_paths[cgroup_id]
+        if not self._cgroup_root:
+            return None
+        found = None
+        for dirpath, _dirs, _files in os.walk(self._cgroup_root):
+            try:
+                if os.stat(dirpath).st_ino == cgroup_id:
+                    rel = os.path.relpath(dirpath, self._cgroup_root)
+                    found = "/" if rel == "." else "/" + rel
+                    break
+            except OSError:
+                continue
+        if len(self._cgroup_paths) > CACHE_SIZE:
+            self._cgroup_paths.clear()
+        self._cgroup_paths[cgroup_id] = found
+        return found

@@ -1,0 +1,219 @@
+"""`imds-tracer report`: the offenders in the trace logs, and whether hardened-only mode can
+be enforced. Exit 0: no normal-mode request in the window; 1: some; 2: error."""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from .sinks.tracelog import LOG_NAME
+
+RECOMMENDED_DAYS = 14   # what the Alibaba and AWS docs advise watching before enforcing
+
+_LINE = re.compile(
+    r"^\[(?P<time>[^\]]+)\] \[(?P<level>[A-Z]+)\] (?P<mode>\S+) provider=(?P<provider>\S+) "
+    r"(?:problems=(?P<problems>\S+) )?(?:unparsed=\S+|(?P<method>\S+) (?P<path>\S+)) "
+    r"dst=(?P<dst>\S+) status=(?P<status>\S+) (?:truncated )?(?:note=\S+ )?"
+    r"\(pid:(?P<pid>[^:]*):(?P<comm>\S*) argv:(?P<argv>.*?)\)(?: called by -> .*)? "
+    r"container=(?P<container>\S+)$")
+_DROP = re.compile(r"^\[(?P<time>[^\]]+)\] \[ERROR\] agent dropped (?P<what>.*?) \(")
+_SINCE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class ReportError(Exception):
+    pass
+
+
+def parse_since(text: str) -> timedelta:
+    match = _SINCE.match(text.strip())
+    if not match:
+        raise ReportError(f"--since {text!r}: expected a number and a unit, e.g. 14d, 12h, 30m")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+@dataclass
+class Offender:
+    executable: str
+    argv: str
+    container: str
+    provider: str
+    count: int = 0
+    first: datetime | None = None
+    last: datetime | None = None
+    succeeded: int = 0   # the service answered 2xx: these break under hardened-only mode
+
+    def see(self, when: datetime, status: str) -> None:
+        self.count += 1
+        self.first = when if self.first is None or when < self.first else self.first
+        self.last = when if self.last is None or when > self.last else self.last
+        if status.isdigit() and 200 <= int(status) < 300:
+            self.succeeded += 1
+
+
+@dataclass
+class Summary:
+    offenders: dict = field(default_factory=dict)
+    levels: dict = field(default_factory=dict)
+    drops: dict = field(default_factory=dict)
+    first: datetime | None = None
+    last: datetime | None = None
+    files: int = 0
+    unreadable_lines: int = 0
+
+    @property
+    def normal_requests(self) -> int:
+        return sum(o.count for o in self.offenders.values())
+
+
+def _open(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def log_files(log_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(log_dir, LOG_NAME + "*")))
+
+
+def summarise(log_dir: str, since: timedelta, now: datetime | None = None) -> Summary:
+    if not os.path.isdir(log_dir):
+        raise ReportError(f"log directory {log_dir}: not found (--log-dir)")
+    files = log_files(log_dir)
+    if not files:
+        raise ReportError(f"no trace logs ({LOG_NAME}*) in {log_dir}")
+    now = now or datetime.now(timezone.utc)
+    start = now - since
+    summary = Summary(files=len(files))
+    for path in files:
+        try:
+            with _open(path) as fh:
+                for line in fh:
+                    _take(summary, line.rstrip("\n"), start)
+        except (OSError, EOFError) as exc:
+            raise ReportError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return summary
+
+
+def _when(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _take(summary: Summary, line: str, start: datetime) -> None:
+    match = _LINE.match(line)
+    if match is None:
+        drop = _DROP.match(line)
+        when = _when(drop.group("time")) if drop else None
+        if drop and when and when >= start:
+            for item in drop.group("what").split(", "):
+                kind, _, n = item.partition("=")
+                if n.isdigit():
+                    summary.drops[kind] = summary.drops.get(kind, 0) + int(n)
+        elif line.strip() and not drop:
+            summary.unreadable_lines += 1
+        return
+    when = _when(match.group("time"))
+    if when is None:
+        summary.unreadable_lines += 1
+        return
+    if when < start:
+        return
+    summary.first = when if summary.first is None or when < summary.first else summary.first
+    summary.last = when if summary.last is None or when > summary.last else summary.last
+    level = match.group("level")
+    summary.levels[level] = summary.levels.get(level, 0) + 1
+    if level != "WARNING":
+        return
+    argv = match.group("argv")
+    first_arg = argv.split(" ", 1)[0] if argv != "-" else match.group("comm")
+    executable = os.path.basename(first_arg) or first_arg
+    key = (executable, argv, match.group("container"), match.group("provider"))
+    offender = summary.offenders.get(key)
+    if offender is None:
+        offender = summary.offenders[key] = Offender(*key)
+    offender.see(when, match.group("status"))
+
+
+def _ago(delta: timedelta) -> str:
+    """14d, 3h12m, 45m, 30s."""
+    secs = max(int(delta.total_seconds()), 0)
+    days, rest = divmod(secs, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d" + (f"{hours}h" if hours else "")
+    if hours:
+        return f"{hours}h" + (f"{minutes}m" if minutes else "")
+    return f"{minutes}m" if minutes else f"{seconds}s"
+
+
+def _fmt(when: datetime | None) -> str:
+    return when.isoformat(timespec="seconds") if when else "-"
+
+
+def verdict(summary: Summary, since: timedelta) -> tuple[bool, list[str]]:
+    notes = []
+    safe = summary.normal_requests == 0
+    processes = len(summary.offenders)
+    if safe:
+        notes.append(f"verdict: SAFE to enforce hardened-only mode: no normal-mode request in "
+                     f"the last {_ago(since)}")
+    else:
+        notes.append(f"verdict: NOT SAFE to enforce hardened-only mode: {processes} "
+                     f"offender(s) made {summary.normal_requests} normal-mode request(s)")
+    if summary.drops:
+        lost = ", ".join(f"{k}={v}" for k, v in sorted(summary.drops.items()))
+        notes.append(f"caution: the agent dropped events in this window ({lost}): "
+                     "an offender may be missing")
+    if summary.first is not None:
+        covered = summary.last - summary.first
+        if covered < timedelta(days=RECOMMENDED_DAYS) and since >= timedelta(days=1):
+            notes.append(f"caution: the logs cover {_ago(covered)}; providers advise watching "
+                         f"{RECOMMENDED_DAYS} days before enforcing hardened-only mode")
+    return safe, notes
+
+
+def render_text(summary: Summary, since: timedelta, out=sys.stdout) -> bool:
+    safe, notes = verdict(summary, since)
+    total = sum(summary.levels.values())
+    print(f"imds-tracer report: {summary.files} log file(s), window {_ago(since)}, "
+          f"{total} request(s) from {_fmt(summary.first)} to {_fmt(summary.last)}", file=out)
+    if summary.offenders:
+        rows = sorted(summary.offenders.values(), key=lambda o: (-o.count, o.executable))
+        print(f"{'COUNT':>7} {'OK':>7}  {'FIRST SEEN':25} {'LAST SEEN':25} {'PROVIDER':8} "
+              f"{'CONTAINER':20} {'EXECUTABLE':16} ARGV", file=out)
+        for o in rows:
+            print(f"{o.count:>7} {o.succeeded:>7}  {_fmt(o.first):25} {_fmt(o.last):25} "
+                  f"{o.provider:8} {o.container:20} {o.executable:16} {o.argv}", file=out)
+    levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
+    print(f"requests by level: {levels}", file=out)
+    for note in notes:
+        print(note, file=out)
+    return safe
+
+
+def render_json(summary: Summary, since: timedelta, out=sys.stdout) -> bool:
+    safe, notes = verdict(summary, since)
+    rows = sorted(summary.offenders.values(), key=lambda o: (-o.count, o.executable))
+    json.dump({
+        "safe_to_enforce": safe,
+        "window_seconds": int(since.total_seconds()),
+        "first_seen": _fmt(summary.first), "last_seen": _fmt(summary.last),
+        "requests_by_level": summary.levels,
+        "normal_mode_requests": summary.normal_requests,
+        "drops": summary.drops,
+        "offenders": [{"executable": o.executable, "argv": o.argv, "container": o.container,
+                       "provider": o.provider, "count": o.count, "succeeded": o.succeeded,
+                       "first_seen": _fmt(o.first), "last_seen": _fmt(o.last)} for o in rows],
+        "notes": notes,
+    }, out, indent=2)
+    out.write("\n")
+    return safe

@@ -1,0 +1,1 @@
+"""Where finished request records go: trace log, JSON lines, Prometheus metrics, console."""

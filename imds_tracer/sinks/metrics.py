@@ -1,0 +1,138 @@
+"""Prometheus metrics (prometheus-client), served over HTTP, 127.0.0.1:9796 by default.
+
+Names: one prefix `imds_tracer_`, `_total` on counters, base units, `_info` for metadata.
+Known label sets are created at start-up so that series exist before the first event;
+label values from the wire (methods, executables) are capped so cardinality stays bounded.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+from prometheus_client.process_collector import ProcessCollector
+
+from .. import __version__
+from ..model import RequestRecord
+
+PROVIDERS = ("aws", "aliyun", "azure", "gcp", "oci", "openstack", "huawei", "digitalocean",
+             "tencent", "unknown")
+MODES = ("normal", "hardened", "n/a", "unknown")
+METHODS = ("GET", "PUT", "POST", "HEAD", "DELETE", "OPTIONS", "PATCH")
+PROBLEMS = ("ttl_out_of_range", "ttl_missing", "x_forwarded_for", "empty_token",
+            "invalid_token", "missing_metadata_header", "missing_api_version",
+            "missing_metadata_flavor", "missing_bearer", "unparsed")
+OTHER = "other"
+
+
+class MetricsError(Exception):
+    pass
+
+
+class MetricsSink:
+    def __init__(self, *, backend: str, cloud: str | None, max_exe_labels: int = 100,
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter("imds_tracer_requests", "Requests to a metadata service",
+                                ["provider", "mode", "method"], registry=r)
+        self.normal = Counter("imds_tracer_normal_mode_requests",
+                              "Normal-mode (token-less) requests by executable",
+                              ["executable", "provider"], registry=r)
+        self.outcomes = Counter("imds_tracer_normal_mode_outcomes",
+                                "Normal-mode requests by how the service answered: succeeded "
+                                "(breaks when hardened-only is enforced), refused (401/403), "
+                                "unanswered", ["outcome"], registry=r)
+        self.problems = Counter("imds_tracer_problems", "Requests with a problem, by kind",
+                                ["problem"], registry=r)
+        self.lost = Counter("imds_tracer_lost_events", "Events lost before user space read them",
+                            ["stage"], registry=r)
+        self.dropped = Counter("imds_tracer_dropped", "Things dropped or cut, by kind",
+                               ["kind"], registry=r)
+        self.unparsed = Counter("imds_tracer_unparsed_requests",
+                                "Requests whose HTTP head could not be read", registry=r)
+        self.last_normal = Gauge("imds_tracer_last_normal_mode_request_timestamp_seconds",
+                                 "When the last normal-mode request was seen (0: never)",
+                                 registry=r)
+        self.info = Info("imds_tracer", "The agent", registry=r)
+        self.info.info({"version": __version__, "backend": backend,
+                        "kernel": platform.release(), "cloud": cloud or "unknown"})
+        self.max_exe_labels = max_exe_labels
+        self._exes: set[str] = set()
+        for provider in PROVIDERS:
+            for mode in MODES:
+                self.requests.labels(provider, mode, "GET")
+        for problem in PROBLEMS:
+            self.problems.labels(problem)
+        for outcome in ("succeeded", "refused", "unanswered"):
+            self.outcomes.labels(outcome)
+        for stage in ("kernel", "user"):
+            self.lost.labels(stage)
+        for kind in ("payload_truncated", "log_write", "flow_table_full"):
+            self.dropped.labels(kind)
+        self._server = None
+
+    def serve(self, addr: str) -> None:
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
+        try:
+            started = start_http_server(int(port), addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsError(f"metrics address {addr}: {exc.strerror or exc} "
+                               "(change --metrics-addr or metrics.addr, \"\" turns it off)") \
+                from None
+        # prometheus-client >= 0.17 returns (server, thread); older ones return None
+        self._server = started[0] if isinstance(started, tuple) else None
+
+    @property
+    def port(self) -> int | None:
+        return self._server.server_port if self._server else None
+
+    def _executable(self, record: RequestRecord) -> str:
+        p = record.process
+        exe = (p.exe if p and p.exe else None) or (p.argv[0] if p and p.argv else None) \
+            or (p.comm if p else None) or "unknown"
+        exe = os.path.basename(exe) if "/" in exe and not exe.endswith("/") else exe
+        if exe in self._exes:
+            return exe
+        if len(self._exes) >= self.max_exe_labels:
+            return OTHER
+        self._exes.add(exe)
+        return exe
+
+    def emit(self, record: RequestRecord) -> None:
+        provider = record.provider if record.provider in PROVIDERS else "unknown"
+        method = record.method if record.method in METHODS else \
+            (OTHER if record.method else "none")
+        self.requests.labels(provider, record.mode, method).inc()
+        for problem in record.problems:
+            self.problems.labels(problem if problem in PROBLEMS else OTHER).inc()
+        if record.method is None:
+            self.unparsed.inc()
+        if record.mode == "normal" and record.level == "WARNING":
+            self.normal.labels(self._executable(record), provider).inc()
+            status = record.status
+            self.outcomes.labels("unanswered" if status is None else
+                                 "refused" if status in (401, 403) else "succeeded").inc()
+            self.last_normal.set(record.time)
+
+    def count_drop(self, kind: str, count: int) -> None:
+        if kind == "kernel_lost":
+            self.lost.labels("kernel").inc(count)
+        elif kind == "user_lost":
+            self.lost.labels("user").inc(count)
+        else:
+            self.dropped.labels(kind).inc(count)
+
+    def drops(self, counts: dict[str, int], ts: float) -> None:
+        pass  # counted as they happen, in count_drop
+
+    def reopen(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

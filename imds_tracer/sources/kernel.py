@@ -1,0 +1,547 @@
+"""Shared BCC glue for the kernel sources: compile and load `bpf/*.c`, read the event stream,
+turn events into pipeline chunks, count what the kernel lost, and pick a backend.
+
+`bcc` is imported lazily (inside functions): the rest of the package, and the unit tests,
+import this module without BCC installed.
+
+Event contract: `bpf/event.h`; `EventHeader` below is its ctypes mirror
+(tests/unit/test_event_layout.py pins the two together).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import platform
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Hashable
+
+from ..model import Chunk, Direction, ProcessSnapshot
+from .base import SourceError
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+log = logging.getLogger("imds_tracer")
+
+# imds_tracer/bpf is a symlink to ../bpf in a checkout and a directory in an installed
+# package: found relative to this module, never to the working directory.
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+EV_CONNECT, EV_SEND, EV_RECV, EV_CLOSE, EV_TGID_RESET = 1, 2, 3, 4, 5
+F_ARGV_TRUNCATED, F_NO_ARGV = 0x1, 0x2
+CNT_OUTPUT_FAILED, CNT_SENDS_TRUNCATED, CNT_STALE_FD, CNT_ARGV_TRUNCATED = range(4)
+AF_INET, AF_INET6 = 2, 10
+RESPONSE_BYTES = 256
+ARGV_BUF = 1024 + 256   # IMDS_ARGV_BUF in bpf/common.h
+
+
+class EventHeader(ctypes.Structure):
+    """ctypes mirror of `struct imds_event` (bpf/event.h); the payload follows it."""
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("conn_id", ctypes.c_uint64),
+        ("cgroup_id", ctypes.c_uint64),
+        ("tgid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("ppid", ctypes.c_uint32),
+        ("fd", ctypes.c_uint32),
+        ("fd_last", ctypes.c_uint32),
+        ("payload_len", ctypes.c_uint32),
+        ("lost_bytes", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("family", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+HEADER_SIZE = ctypes.sizeof(EventHeader)
+
+
+def format_addr(raw: bytes) -> str:
+    """16 bytes of address: v4-mapped IPv6 is shown as IPv4."""
+    addr = ipaddress.IPv6Address(bytes(raw))
+    mapped = addr.ipv4_mapped
+    return str(mapped) if mapped is not None else str(addr)
+
+
+def addr_key_bytes(text: str) -> bytes:
+    """The 16-byte form the kernel filters on (IPv4 as v4-mapped)."""
+    addr = ipaddress.ip_address(text)
+    if addr.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + addr.packed
+    return addr.packed
+
+
+def split_argv(payload: bytes) -> tuple[str, ...]:
+    parts = payload.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    return tuple(p.decode("utf-8", "backslashreplace") for p in parts)
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p <<= 1
+    return p
+
+
+def possible_cpus() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+        last = 0
+        for part in text.split(","):
+            last = max(last, int(part.split("-")[-1]))
+        return last + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def compile_flags(config: "Config", *, use_perf: bool = False) -> list[str]:
+    """-D settings for bpf/common.h from the config."""
+    limit = int(config.max_payload)
+    cap = max(_next_pow2(limit), 1024, RESPONSE_BYTES)
+    ncpu = possible_cpus()
+    ring_pages = _next_pow2(max(int(config.perf_pages) * ncpu, 8))
+    flags = [
+        f"-I{BPF_DIR}",
+        f"-DIMDS_PAYLOAD_LIMIT={limit}",
+        f"-DIMDS_PAYLOAD_CAP={cap}",
+        f"-DIMDS_RESPONSE_BYTES={RESPONSE_BYTES}",
+        f"-DIMDS_RING_PAGES={ring_pages}",
+        f"-DIMDS_NCPU={ncpu}",
+        "-Wno-unused-function",
+    ]
+    if use_perf:
+        flags.append("-DIMDS_USE_PERF")
+    child_off = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")
+    if child_off is not None:
+        flags.append(f"-DIMDS_FORK_CHILD_PID_OFF={child_off}")
+    return flags
+
+
+def tracepoint_field_offset(category: str, event: str, field: str,
+                            tracefs: Path = Path("/sys/kernel/tracing")) -> int | None:
+    """Offset of a field in a tracepoint's record, from its format file (a stable ABI)."""
+    try:
+        text = (tracefs / "events" / category / event / "format").read_text()
+    except OSError:
+        return None
+    match = re.search(r"field:[^;]*\b" + re.escape(field) + r"(\[\d*\])?;\s*offset:(\d+);", text)
+    return int(match.group(2)) if match else None
+
+
+def ringbuf_supported() -> bool:
+    """BPF ring buffers exist since Linux 5.8."""
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    return bool(match) and (int(match.group(1)), int(match.group(2))) >= (5, 8)
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w./-]+)"\s*$', re.M)
+
+
+def bpf_source(filename: str, _seen: set | None = None) -> str:
+    """bpf/<filename> with its local #include "..." files inlined.
+
+    BCC rewrites map calls (`map.lookup(...)`) in the main file only; helpers in a header that
+    touch maps must therefore reach BCC as part of the main text.
+    """
+    seen = set() if _seen is None else _seen
+    text = (BPF_DIR / filename).read_text()
+
+    def inline(match):
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return f"/* ---- {name} ---- */\n" + bpf_source(name, seen)
+
+    return _LOCAL_INCLUDE.sub(inline, text)
+
+
+def load_bpf(filename: str, cflags: list[str]):
+    """Compile bpf/<filename> with BCC. Raises SourceError with a one-line reason."""
+    try:
+        from bcc import BPF  # noqa: WPS433 - lazy on purpose
+    except ImportError:
+        raise SourceError("BCC is not importable (install python3-bpfcc and run from a venv "
+                          "made with --system-site-packages); see imds-tracer doctor") from None
+    path = BPF_DIR / filename
+    try:
+        text = bpf_source(filename)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not build.exists():
+        raise SourceError(f"no kernel headers at {build} (BCC needs them to compile "
+                          f"{filename}); install linux-headers; see imds-tracer doctor")
+    try:
+        with _quiet_stderr_unless_debug():
+            return BPF(text=text, cflags=cflags)
+    except Exception as exc:  # BCC raises bare Exception on compile/load errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"loading {filename} failed: {first} "
+                          f"(BPF unavailable or locked down?); see imds-tracer doctor") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr_unless_debug():
+    # BCC prints clang warnings about the mismatched headers on every start; they mean
+    # nothing for the tracepoint backend. Keep them when debugging.
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def read_proc_argv(pid: int) -> tuple[str, ...] | None:
+    try:
+        data = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return split_argv(data) or None
+
+
+def read_proc_ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class ConnInfo:
+    __slots__ = ("flow", "tgid", "fd", "argv", "ppid", "dst_ip", "dst_port")
+
+    def __init__(self, flow, tgid, fd, argv, ppid, dst_ip, dst_port):
+        self.flow = flow
+        self.tgid = tgid
+        self.fd = fd
+        self.argv = argv
+        self.ppid = ppid
+        self.dst_ip = dst_ip
+        self.dst_port = dst_port
+
+
+class KernelSource:
+    """Common part of the two BCC backends: output channel, decoding, drops, process cache.
+
+    Subclasses set `name`, `program` (file in bpf/), `flow_tag`, and implement `_attach()`
+    (returns the number of probes attached) and optionally `_after_attach()`.
+    """
+    name = "kernel"
+    program = ""
+    flow_tag = "k"
+
+    def __init__(self, config: "Config"):
+        self.config = config
+        self.bpf = None
+        self.probes = 0
+        self.use_perf = not ringbuf_supported()
+        self._pipeline = None
+        self._conns: OrderedDict[int, ConnInfo] = OrderedDict()
+        self._max_conns = max(1024, int(getattr(config, "max_flows", 65536)))
+        self._counters_seen = [0] * 4
+        self._last_counter_read = 0.0
+        self._clock_offset = time.time() - time.monotonic()
+        self.stats = {"events": 0, "connects": 0, "sends": 0, "recvs": 0, "closes": 0,
+                      "resets": 0, "kernel_lost": 0}
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> int:
+        if self.bpf is not None:  # open_source() returns a started source
+            return self.probes
+        self.bpf = load_bpf(self.program, self._cflags())
+        try:
+            self._fill_watched()
+            self.probes = self._attach()
+            if self.probes == 0:
+                raise SourceError(self._no_probe_message())
+            self._open_output()
+            self._clock_offset = time.time() - time.monotonic()
+            self._after_attach()
+        except SourceError:
+            self.stop()
+            raise
+        except Exception as exc:
+            self.stop()
+            raise SourceError(f"{self.name} backend: {exc}; see imds-tracer doctor") from None
+        return self.probes
+
+    def stop(self) -> None:
+        bpf, self.bpf = self.bpf, None
+        if bpf is not None:
+            with contextlib.suppress(Exception):
+                bpf.cleanup()
+
+    def _cflags(self) -> list[str]:
+        return compile_flags(self.config, use_perf=self.use_perf)
+
+    def _attach(self) -> int:
+        raise NotImplementedError
+
+    def _after_attach(self) -> None:
+        pass
+
+    def _attach_process_cache(self) -> int:
+        """The fork tracepoint (exec's are TRACEPOINT_PROBEs, attached by BCC at load)."""
+        try:
+            self.bpf.attach_tracepoint(tp="sched:sched_process_fork", fn_name="imds_on_fork")
+            return 1
+        except Exception as exc:
+            log.warning("sched:sched_process_fork not attached (%s): parents of processes "
+                        "that exit early will be unknown", exc)
+            return 0
+
+    def _no_probe_message(self) -> str:
+        return f"no {self.name} probe attached; see imds-tracer doctor"
+
+    def _fill_watched(self) -> None:
+        table = self.bpf["watched"]
+        for addr in self.config.addresses:
+            for port in self.config.ports:
+                key = table.Key()
+                ctypes.memmove(ctypes.byref(key), addr_key_bytes(addr), 16)
+                key.port = int(port)
+                table[key] = ctypes.c_uint8(1)
+
+    def _open_output(self) -> None:
+        events = self.bpf["events"]
+        if self.use_perf:
+            events.open_perf_buffer(self._on_perf_event, page_cnt=_next_pow2(self.config.perf_pages),
+                                    lost_cb=self._on_perf_lost)
+        else:
+            events.open_ring_buffer(self._on_ring_event)
+
+    # ---- reading -----------------------------------------------------------------------
+    def poll(self, pipeline, timeout_ms: int) -> None:
+        if self.bpf is None:
+            return
+        self._pipeline = pipeline
+        try:
+            if self.use_perf:
+                self.bpf.perf_buffer_poll(timeout=int(timeout_ms))
+            else:
+                self.bpf.ring_buffer_poll(timeout=int(timeout_ms))
+            now = time.monotonic()
+            if now - self._last_counter_read >= 1.0:
+                self._last_counter_read = now
+                self._report_counters(pipeline)
+        finally:
+            self._pipeline = None
+
+    def _on_ring_event(self, _ctx, data, size):
+        self._dispatch(ctypes.string_at(data, size))
+        return 0
+
+    def _on_perf_event(self, _cpu, data, size):
+        self._dispatch(ctypes.string_at(data, size))
+
+    def _on_perf_lost(self, lost):
+        self.stats["kernel_lost"] += lost
+        if self._pipeline is not None:
+            self._pipeline.drop("kernel_lost", int(lost), "perf buffer full (raise capture.perf_pages)")
+
+    def read_counters(self) -> list[int]:
+        """Sums of the kernel's per-CPU drop counters (see IMDS_CNT_* in bpf/event.h)."""
+        table = self.bpf["counters"]
+        out = []
+        for slot in range(4):
+            values = table[ctypes.c_int(slot)]
+            out.append(sum(int(v) for v in values))
+        return out
+
+    def _report_counters(self, pipeline) -> None:
+        counts = self.read_counters()
+        delta = [now - seen for now, seen in zip(counts, self._counters_seen)]
+        self._counters_seen = counts
+        if delta[CNT_OUTPUT_FAILED] > 0:
+            self.stats["kernel_lost"] += delta[CNT_OUTPUT_FAILED]
+            pipeline.drop("kernel_lost", delta[CNT_OUTPUT_FAILED],
+                          "ring buffer full (raise capture.perf_pages)")
+        if delta[CNT_SENDS_TRUNCATED] > 0:
+            pipeline.drop("payload_truncated", delta[CNT_SENDS_TRUNCATED],
+                          f"sends longer than capture.max_payload={self.config.max_payload} bytes")
+
+    def _dispatch(self, raw: bytes) -> None:
+        if len(raw) < HEADER_SIZE:
+            return
+        ev = EventHeader.from_buffer_copy(raw[:HEADER_SIZE])
+        payload = raw[HEADER_SIZE:HEADER_SIZE + ev.payload_len]
+        self.stats["events"] += 1
+        try:
+            self.handle_event(ev, payload)
+        except Exception:  # one bad event must not stop the agent
+            log.exception("kernel event of kind %d could not be handled", ev.kind)
+
+    def wall_time(self, ts_ns: int) -> float:
+        return ts_ns / 1e9 + self._clock_offset
+
+    # ---- events -> pipeline --------------------------------------------------------------
+    def flow_key(self, ev: EventHeader) -> Hashable:
+        return (self.flow_tag, ev.tgid, ev.fd, ev.conn_id)
+
+    def handle_event(self, ev: EventHeader, payload: bytes) -> None:
+        pipeline = self._pipeline
+        kind = ev.kind
+        if kind == EV_CONNECT:
+            self.stats["connects"] += 1
+            self._on_connect(ev, payload)
+        elif kind in (EV_SEND, EV_RECV):
+            self.stats["sends" if kind == EV_SEND else "recvs"] += 1
+            info = self._conns.get(ev.conn_id)
+            if info is None:
+                info = self._remember(ev, None)
+            else:
+                self._conns.move_to_end(ev.conn_id)
+            if pipeline is None:
+                return
+            pipeline.feed(Chunk(
+                flow=info.flow,
+                direction=Direction.REQUEST if kind == EV_SEND else Direction.RESPONSE,
+                data=payload,
+                ts=self.wall_time(ev.ts_ns),
+                dst_ip=info.dst_ip,
+                dst_port=info.dst_port,
+                source=self.name,
+                process=self._snapshot(ev, info),
+                lost=int(ev.lost_bytes),
+            ))
+        elif kind == EV_CLOSE:
+            self.stats["closes"] += 1
+            ts = self.wall_time(ev.ts_ns)
+            if ev.conn_id:
+                self._close(ev.conn_id, ts)
+            else:  # close_range: every tracked fd of the process in [fd, fd_last]
+                for conn_id, info in list(self._conns.items()):
+                    if info.tgid == ev.tgid and ev.fd <= info.fd <= ev.fd_last:
+                        self._close(conn_id, ts)
+                        self._forget_kernel_fd(info.tgid, info.fd)
+        elif kind == EV_TGID_RESET:
+            self.stats["resets"] += 1
+            ts = self.wall_time(ev.ts_ns)
+            for conn_id, info in list(self._conns.items()):
+                if info.tgid == ev.tgid:
+                    self._close(conn_id, ts)
+                    self._forget_kernel_fd(info.tgid, info.fd)
+
+    def _on_connect(self, ev: EventHeader, payload: bytes) -> None:
+        old = [cid for cid, info in self._conns.items()
+               if info.tgid == ev.tgid and info.fd == ev.fd and cid != ev.conn_id]
+        for cid in old:  # the fd was reconnected without a close we saw
+            self._close(cid, self.wall_time(ev.ts_ns))
+        argv = None
+        if not ev.flags & F_NO_ARGV and payload:
+            argv = split_argv(payload)
+        if argv is None:
+            # exec'd before the agent started: the process is alive right now, usually
+            argv = read_proc_argv(ev.tgid)
+        self._remember(ev, argv)
+
+    def _remember(self, ev: EventHeader, argv) -> ConnInfo:
+        ppid = int(ev.ppid) or read_proc_ppid(ev.tgid)
+        info = ConnInfo(self.flow_key(ev), ev.tgid, ev.fd, argv, ppid,
+                        format_addr(bytes(ev.daddr)), int(ev.dport))
+        self._conns[ev.conn_id] = info
+        while len(self._conns) > self._max_conns:
+            _cid, evicted = self._conns.popitem(last=False)
+            if self._pipeline is not None:
+                self._pipeline.close_flow(evicted.flow, time.time())
+        return info
+
+    def _close(self, conn_id: int, ts: float) -> None:
+        info = self._conns.pop(conn_id, None)
+        if info is not None and self._pipeline is not None:
+            self._pipeline.close_flow(info.flow, ts)
+
+    def _forget_kernel_fd(self, tgid: int, fd: int) -> None:
+        pass
+
+    def _snapshot(self, ev: EventHeader, info: ConnInfo) -> ProcessSnapshot:
+        if info.argv is None:
+            info.argv = self.kernel_argv(ev.tgid) or read_proc_argv(ev.tgid)
+        return ProcessSnapshot(
+            pid=int(ev.tgid), tid=int(ev.tid), uid=int(ev.uid),
+            comm=ev.comm.decode("utf-8", "backslashreplace"),
+            cgroup_id=int(ev.cgroup_id), ppid=info.ppid, argv=info.argv,
+        )
+
+    # ---- the kernel's process cache, for enrichment of exited processes ----------------
+    def kernel_argv(self, pid: int) -> tuple[str, ...] | None:
+        """argv the kernel saw at the process's last exec since the agent started, or None."""
+        if self.bpf is None:
+            return None
+        table = self.bpf["argv_cache"]
+        try:
+            value = table[table.Key(pid)]
+        except KeyError:
+            return None
+        raw = ctypes.string_at(ctypes.addressof(value.buf), min(int(value.len), ARGV_BUF))
+        return split_argv(raw) or None
+
+    def kernel_ppid(self, pid: int) -> int | None:
+        """Parent at fork time, if the fork happened while the agent ran."""
+        if self.bpf is None:
+            return None
+        table = self.bpf["parent_of"]
+        try:
+            return int(table[table.Key(pid)].value)
+        except KeyError:
+            return None
+
+    def lookup_process(self, pid: int) -> tuple[int | None, tuple[str, ...] | None]:
+        """(ppid, argv) from the kernel caches: for processes that are gone from /proc."""
+        return self.kernel_ppid(pid), self.kernel_argv(pid)
+
+
+def open_source(config: "Config", backend_name: str):
+    """The started source for --backend auto|kprobe|tracepoint. Raises SourceError."""
+    from .kprobe import KprobeSource
+    from .tracepoint import TracepointSource
+
+    if backend_name == "tracepoint":
+        candidates = [TracepointSource]
+    elif backend_name == "kprobe":
+        candidates = [KprobeSource]
+    elif backend_name == "auto":
+        candidates = [KprobeSource, TracepointSource]
+    else:
+        raise SourceError(f"unknown backend {backend_name!r} (use auto, kprobe or tracepoint)")
+    reasons = []
+    for cls in candidates:
+        source = cls(config)
+        if backend_name == "auto":
+            why_not = cls.unavailable_reason()
+            if why_not:
+                log.info("backend %s not usable: %s", cls.name, why_not)
+                reasons.append(f"{cls.name}: {why_not}")
+                continue
+        try:
+            source.start()
+        except SourceError as exc:
+            if backend_name != "auto":
+                raise
+            log.warning("backend %s failed to start: %s", cls.name, exc)
+            reasons.append(f"{cls.name}: {exc}")
+            continue
+        if backend_name == "auto":
+            log.info("backend auto: using %s (%d probes)", source.name, source.probes)
+        return source
+    raise SourceError("no backend could start (" + "; ".join(reasons) + "); see imds-tracer doctor")
