@@ -155,8 +155,9 @@ def cmd_replay(args) -> int:
     print(f"imds-tracer: replayed {replay.stats.packets} packets from {len(args.files)} "
           f"file(s): {pipeline.requests} request(s) to metadata addresses", file=sys.stderr)
     if args.linger and metrics.port:
-        print(f"imds-tracer: serving metrics on {config.metrics_addr}; Ctrl-C to stop",
-              file=sys.stderr)
+        host = config.metrics_addr.rpartition(":")[0]
+        print(f"imds-tracer: serving metrics on {host}:{metrics.port}; Ctrl-C to stop",
+              file=sys.stderr, flush=True)
         _wait_for_signal()
     pipeline.close()
     return EXIT_ERROR if errors else EXIT_OK

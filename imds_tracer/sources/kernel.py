@@ -314,7 +314,7 @@ class KernelSource:
         return f"no {self.name} probe attached; see imds-tracer doctor"
 
     def _fill_watched(self) -> None:
-        table = self.bpf["watched"]
+        table = self.bpf[b"watched"]
         for addr in self.config.addresses:
             for port in self.config.ports:
                 key = table.Key()
@@ -323,7 +323,7 @@ class KernelSource:
                 table[key] = ctypes.c_uint8(1)
 
     def _open_output(self) -> None:
-        events = self.bpf["events"]
+        events = self.bpf[b"events"]
         if self.use_perf:
             events.open_perf_buffer(self._on_perf_event, page_cnt=_next_pow2(self.config.perf_pages),
                                     lost_cb=self._on_perf_lost)
@@ -361,7 +361,7 @@ class KernelSource:
 
     def read_counters(self) -> list[int]:
         """Sums of the kernel's per-CPU drop counters (see IMDS_CNT_* in bpf/event.h)."""
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         out = []
         for slot in range(4):
             values = table[ctypes.c_int(slot)]
@@ -488,7 +488,7 @@ class KernelSource:
         """argv the kernel saw at the process's last exec since the agent started, or None."""
         if self.bpf is None:
             return None
-        table = self.bpf["argv_cache"]
+        table = self.bpf[b"argv_cache"]
         try:
             value = table[table.Key(pid)]
         except KeyError:
@@ -500,7 +500,7 @@ class KernelSource:
         """Parent at fork time, if the fork happened while the agent ran."""
         if self.bpf is None:
             return None
-        table = self.bpf["parent_of"]
+        table = self.bpf[b"parent_of"]
         try:
             return int(table[table.Key(pid)].value)
         except KeyError:

@@ -127,8 +127,8 @@ class TracepointSource(KernelSource):
             log.info("adopted %d connection(s) opened before the agent started", self.adopted)
 
     def adopt_existing(self) -> int:
-        conns = self.bpf["conns"]
-        epochs = self.bpf["tgid_epoch"]
+        conns = self.bpf[b"conns"]
+        epochs = self.bpf[b"tgid_epoch"]
         count = 0
         for tgid, fd, ip, port in scan_connected(self.config.addresses, self.config.ports):
             key = conns.Key((tgid << 32) | fd)
@@ -157,7 +157,7 @@ class TracepointSource(KernelSource):
     def _forget_kernel_fd(self, tgid: int, fd: int) -> None:
         if self.bpf is None:
             return
-        conns = self.bpf["conns"]
+        conns = self.bpf[b"conns"]
         try:
             del conns[conns.Key((tgid << 32) | fd)]
         except KeyError:

@@ -1,0 +1,138 @@
+from imds_tracer.flows import FlowTable
+from imds_tracer.model import Chunk, Direction
+
+REQ, RESP = Direction.REQUEST, Direction.RESPONSE
+GET = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
+PUT = (b"PUT /latest/api/token HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n"
+       b"Content-Length: 4\r\n\r\nbody")
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+class Recorder:
+    def __init__(self, **kw):
+        self.out, self.drops = [], {}
+        self.table = FlowTable(self.out.append, self.drop, **kw)
+
+    def drop(self, kind, n):
+        self.drops[kind] = self.drops.get(kind, 0) + n
+
+    def send(self, data, direction=REQ, flow=1, ts=0.0, seq=None, lost=0):
+        self.table.feed(Chunk(flow, direction, data, ts, "169.254.169.254", 80, "test",
+                              seq=seq, lost=lost))
+
+    def summary(self):
+        return [(e.head.method if e.head else None, e.head.target if e.head else None,
+                 e.status) for e in self.out]
+
+
+def test_request_split_over_many_sends_is_one_request():
+    r = Recorder()
+    for i in range(0, len(GET), 3):
+        r.send(GET[i:i + 3])
+    assert r.out == []  # waits for the response
+    r.send(OK, RESP)
+    assert r.summary() == [("GET", "/latest/meta-data/", 200)]
+
+
+def test_keep_alive_pairs_responses_in_order_and_skips_bodies():
+    r = Recorder()
+    r.send(PUT + GET)           # pipelined, with a request body between the heads
+    r.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nTOK" + b"HTTP/1.1 401 No\r\n", RESP)
+    r.send(b"Content-Length: 0\r\n\r\n", RESP)
+    r.send(GET)
+    r.send(OK[:20], RESP)
+    r.send(OK[20:], RESP)
+    assert r.summary() == [("PUT", "/latest/api/token", 200), ("GET", "/latest/meta-data/", 401),
+                           ("GET", "/latest/meta-data/", 200)]
+
+
+def test_body_split_across_chunks_does_not_become_a_request():
+    r = Recorder()
+    head, body = PUT[:-4], b"x" * 4
+    r.send(head)
+    r.send(body[:2])
+    r.send(body[2:] + GET)
+    r.table.flush()
+    assert [s[0] for s in r.summary()] == ["PUT", "GET"]
+
+
+def test_retransmitted_and_out_of_order_segments_reassemble_once():
+    r = Recorder()
+    isn = 4294967290  # wraps around 2**32 in the middle of the request
+    r.send(b"", seq=isn)
+    parts = [GET[:10], GET[10:30], GET[30:]]
+    seqs = [isn, (isn + 10) % 2**32, (isn + 30) % 2**32]
+    r.send(parts[2], seq=seqs[2])   # early
+    r.send(parts[0], seq=seqs[0])
+    r.send(parts[0], seq=seqs[0])   # retransmission
+    r.send(parts[1], seq=seqs[1])
+    r.send(parts[1] + parts[2], seq=seqs[1])  # overlapping retransmission
+    r.table.flush()
+    assert r.summary() == [("GET", "/latest/meta-data/", None)]
+
+
+def test_unanswered_request_is_logged_after_the_wait_and_late_status_not_misassigned():
+    r = Recorder(response_wait=2.0)
+    r.send(GET, ts=10.0)
+    r.table.tick(11.0)
+    assert r.out == []
+    r.table.tick(12.5)
+    assert r.summary() == [("GET", "/latest/meta-data/", None)]
+    r.send(GET, ts=13.0)
+    r.send(OK, RESP, ts=13.1)   # the late answer to the first request
+    r.send(OK, RESP, ts=13.2)   # the answer to the second
+    assert r.summary()[1] == ("GET", "/latest/meta-data/", 200)
+    assert len(r.out) == 2
+
+
+def test_close_logs_what_is_pending_and_junk_is_unparsed_once():
+    r = Recorder()
+    r.send(b"\x16\x03\x01\x00\xa5junk", flow=2)
+    r.send(b"more junk", flow=2)
+    r.send(GET, flow=3)
+    r.table.close(3, 1.0)
+    r.table.close(2, 1.0)
+    assert [(e.flow, e.head is None) for e in r.out] == [(2, True), (3, False)]
+    assert r.out[0].raw.startswith(b"\x16\x03")
+
+
+def test_head_cut_by_the_capture_is_marked_truncated():
+    r = Recorder()
+    r.send(GET[:25], lost=500)
+    r.table.flush()
+    assert len(r.out) == 1 and r.out[0].truncated and r.out[0].head.method == "GET"
+
+
+def test_oversized_head_is_bounded():
+    r = Recorder()
+    r.send(b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 40000)
+    r.send(b"a" * 40000)        # the rest of the monster header: passed over, not buffered
+    r.send(GET)
+    r.table.flush()
+    assert [(e.head.target, e.truncated) for e in r.out] == [("/", True),
+                                                             ("/latest/meta-data/", False)]
+    assert len(r.out[0].head.header("x-pad")) <= 4096
+
+
+def test_flow_table_is_capped_and_counts_evictions():
+    r = Recorder(max_flows=16)
+    for flow in range(20):
+        r.send(GET, flow=flow)
+    assert len(r.table) == 16
+    assert r.drops == {"flow_table_full": 4}
+    assert len(r.out) == 4  # evicted flows' requests are logged, not lost
+
+
+def test_idle_flows_expire():
+    r = Recorder(flow_idle=60.0)
+    r.send(GET, ts=0.0)
+    r.table.tick(61.0)
+    assert len(r.table) == 0 and len(r.out) == 1
+
+
+def test_interim_100_continue_and_head_responses():
+    r = Recorder()
+    r.send(b"HEAD /latest/ HTTP/1.1\r\n\r\n" + GET)
+    r.send(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n" + OK,
+           RESP)
+    assert r.summary() == [("HEAD", "/latest/", 200), ("GET", "/latest/meta-data/", 200)]

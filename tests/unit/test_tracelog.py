@@ -1,0 +1,83 @@
+import os
+import stat
+
+from imds_tracer.model import Container, ProcessInfo, RequestRecord
+from imds_tracer.report import _LINE
+from imds_tracer.sinks.tracelog import RotatingFile, TraceLogSink, format_line
+
+
+def record(**kw):
+    base = dict(time=1795000000.0, level="WARNING", provider="aliyun", mode="normal",
+                problems=(), method="GET", path="/latest/meta-data/instance-id",
+                version="HTTP/1.1", headers={}, dst_ip="100.100.100.200", dst_port=80,
+                status=200, source="tracepoint",
+                process=ProcessInfo(1234, "curl", ("curl", "http://100.100.100.200/x")),
+                parents=(ProcessInfo(1200, "bash", ("-bash",)),
+                         ProcessInfo(1, "systemd", ("/sbin/init",))))
+    base.update(kw)
+    return RequestRecord(**base)
+
+
+def test_line_has_the_documented_shape():
+    line = format_line(record())
+    assert "] [WARNING] normal-mode provider=aliyun GET /latest/meta-data/instance-id " \
+           "dst=100.100.100.200:80 status=200 (pid:1234:curl argv:curl " \
+           "http://100.100.100.200/x) called by -> (pid:1200:bash argv:-bash) -> " \
+           "(pid:1:systemd argv:/sbin/init) container=-" in line
+    assert line.startswith("[20")
+
+
+def test_container_ipv6_problems_and_unknown_process():
+    line = format_line(record(level="ERROR", mode="hardened", problems=("ttl_missing",),
+                              dst_ip="fd00:ec2::254", process=None, parents=(),
+                              container=Container("docker", "ab" * 32, None)))
+    assert "problems=ttl_missing" in line and "dst=[fd00:ec2::254]:80" in line
+    assert "(pid:-:- argv:-)" in line and line.endswith("container=docker:abababababab")
+
+
+def test_crafted_argv_and_path_cannot_forge_fields():
+    evil = ProcessInfo(66, "ev il", ("sh", "x) container=docker:0000 (pid:1:init argv:init"))
+    line = format_line(record(process=evil, path="/a dst=1.2.3.4:80 b", parents=()))
+    m = _LINE.match(line)
+    assert m and m.group("container") == "-" and m.group("path").startswith("/a\\x20dst")
+    assert m.group("comm") == "ev\\x20il"
+
+
+def test_rotation_modes_and_recreation(tmp_path):
+    d = tmp_path / "imds"
+    f = RotatingFile(str(d), "imds-trace.log", max_bytes=4096, backups=2)
+    for i in range(200):
+        assert f.write(f"line {i:04d} " + "x" * 80)
+    names = sorted(os.listdir(d))
+    assert names == ["imds-trace.log", "imds-trace.log.1", "imds-trace.log.2"]
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    assert all(stat.S_IMODE(os.stat(d / n).st_mode) == 0o600 for n in names)
+    assert os.path.getsize(d / "imds-trace.log") <= 4096
+    # the directory removed under the agent: made again on the next write
+    for n in names:
+        os.unlink(d / n)
+    os.rmdir(d)
+    assert f.write("after removal")
+    assert (d / "imds-trace.log").read_text() == "after removal\n"
+
+
+def test_reopen_after_external_rotation(tmp_path):
+    sink = TraceLogSink(str(tmp_path), max_bytes=1 << 20, backups=1)
+    sink.emit(record())
+    os.rename(tmp_path / "imds-trace.log", tmp_path / "imds-trace.log.1")
+    sink.reopen()   # what SIGHUP does
+    sink.emit(record(path="/after"))
+    assert "/after" in (tmp_path / "imds-trace.log").read_text()
+    assert "/after" not in (tmp_path / "imds-trace.log.1").read_text()
+
+
+def test_failed_writes_are_counted(tmp_path):
+    lost = []
+    sink = TraceLogSink(str(tmp_path), on_failure=lost.append)
+    os.close(sink.file._fd)
+    sink.file._fd = os.open("/dev/full", os.O_WRONLY)
+    sink.emit(record())
+    assert lost == [1] and sink.file.failed == 1
+    sink.emit(record())     # reopens the real file and recovers
+    assert lost == [1]
+    assert (tmp_path / "imds-trace.log").read_text().count("\n") == 1
