@@ -159,7 +159,7 @@ class FlowTable:
 
     def _consume_request(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                          ts: float) -> None:
-        data = self._skip_body(stream, data, lost)
+        data, lost = self._skip_body(stream, data, lost)
         if data is None:
             return
         if stream.resync:
@@ -199,10 +199,11 @@ class FlowTable:
             taken = min(body, len(buf))
             del buf[:taken]
             stream.skip = body - taken
+        self._account_lost(stream, lost)
 
     def _consume_response(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                           ts: float) -> None:
-        data = self._skip_body(stream, data, lost)
+        data, lost = self._skip_body(stream, data, lost)
         if data is None:
             return
         if stream.resync or stream.chunked:
@@ -246,20 +247,37 @@ class FlowTable:
             taken = min(body, len(buf))
             del buf[:taken]
             stream.skip = body - taken
+        self._account_lost(stream, lost)
 
     @staticmethod
-    def _skip_body(stream: _Stream, data: bytes, lost: int) -> bytes | None:
-        """Pass over the rest of a body; None when the chunk was all body."""
-        if stream.skip:
-            total = len(data) + lost
-            if total <= stream.skip:
-                stream.skip -= total
-                return None
-            data = data[stream.skip:] if stream.skip < len(data) else b""
+    def _skip_body(stream: _Stream, data: bytes, lost: int):
+        """Pass over the rest of a body. Returns the bytes after it (None when there are
+        none) and how many uncaptured bytes follow those."""
+        if not stream.skip:
+            return data, lost
+        if stream.skip < len(data):
+            data = data[stream.skip:]
             stream.skip = 0
-            if not data:
-                return None
-        return data
+            return data, lost
+        stream.skip -= len(data)
+        if stream.skip >= lost:
+            stream.skip -= lost
+        else:  # the body ended inside bytes not captured: the next message's start is gone
+            stream.skip = 0
+            stream.resync = True
+        return None, 0
+
+    @staticmethod
+    def _account_lost(stream: _Stream, lost: int) -> None:
+        """Bytes of this chunk that the source did not copy follow what we consumed."""
+        if not lost:
+            return
+        if stream.skip >= lost:
+            stream.skip -= lost
+        else:
+            stream.skip = 0
+            stream.buf.clear()
+            stream.resync = True
 
     def _head(self, flow: _Flow, key, raw: bytes, ts: float, *, truncated: bool = False,
               unparsed: bool = False) -> None:

@@ -136,3 +136,26 @@ def test_interim_100_continue_and_head_responses():
     r.send(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n" + OK,
            RESP)
     assert r.summary() == [("HEAD", "/latest/", 200), ("GET", "/latest/meta-data/", 200)]
+
+
+def test_uncaptured_bytes_of_a_response_body_are_accounted():
+    # the kernel copies only the first bytes of a receive and says how many it left out
+    r = Recorder()
+    body = b"x" * 3000
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n" + body
+    r.send(GET)
+    r.send(resp[:256], RESP, lost=len(resp) - 256)
+    r.send(GET)
+    r.send(resp[:256], RESP, lost=len(resp) - 256)
+    r.send(GET)
+    r.send(b"HTTP/1.1 401 No\r\nContent-Length: 0\r\n\r\n", RESP)
+    assert [s[2] for s in r.summary()] == [200, 200, 401]
+
+
+def test_status_line_alone_is_enough_when_the_head_was_not_captured():
+    r = Recorder()
+    r.send(GET)
+    r.send(b"HTTP/1.1 403 Forbidden\r\nServer: x", RESP, lost=5000)
+    r.send(GET)
+    r.send(OK, RESP)
+    assert [s[2] for s in r.summary()] == [403, 200]
