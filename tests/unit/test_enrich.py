@@ -1,0 +1,63 @@
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from imds_tracer.enrich import Enricher, container_from_cgroup
+from imds_tracer.model import Container, ProcessSnapshot
+
+ID = "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/", None),
+    ("/user.slice/user-0.slice/session-1.scope", None),
+    (f"/system.slice/docker-{ID}.scope", Container("docker", ID)),
+    (f"/docker/{ID}", Container("docker", ID)),
+    (f"/system.slice/crio-{ID}.scope", Container("cri-o", ID)),
+    (f"/machine.slice/libpod-{ID}.scope/container", Container("podman", ID)),
+    ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_aaaa_bbbb_cccc_"
+     f"0123456789ab.slice/cri-containerd-{ID}.scope",
+     Container("containerd", ID, "1b2c3d4e-aaaa-bbbb-cccc-0123456789ab")),
+    (f"/kubepods/besteffort/pod1b2c3d4e-aaaa-bbbb-cccc-0123456789ab/{ID}",
+     Container("kubernetes", ID, "1b2c3d4e-aaaa-bbbb-cccc-0123456789ab")),
+    ("/lxc.payload.web1", Container("lxc", "web1")),
+])
+def test_container_from_cgroup_path(path, expected):
+    assert container_from_cgroup(path) == expected
+
+
+def test_live_process_argv_and_parents():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker"])
+    try:
+        for _ in range(100):  # until the child has exec'd
+            if b"marker" in open(f"/proc/{child.pid}/cmdline", "rb").read():
+                break
+            time.sleep(0.02)
+        comm = open(f"/proc/{child.pid}/comm").read().strip()
+        e = Enricher(parents=3)
+        info, parents, container = e.describe(ProcessSnapshot(pid=child.pid, comm=comm))
+        assert info.argv[-1] == "marker" and info.exe
+        assert parents[0].pid == os.getpid()
+        assert len(parents) <= 3
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_gone_process_keeps_kernel_argv_and_parent_chain():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    snap = ProcessSnapshot(pid=child.pid, comm="true", ppid=os.getpid(),
+                           argv=("true", "--gone"))
+    info, parents, _ = Enricher().describe(snap)
+    assert info.argv == ("true", "--gone") and info.pid == child.pid
+    assert parents[0].pid == os.getpid() and parents[0].argv
+
+
+def test_pid_reused_by_another_program_is_not_believed():
+    # our own pid, but the kernel said the sender was "curl": /proc is someone else now
+    info, _, _ = Enricher().describe(ProcessSnapshot(pid=os.getpid(), comm="curl"))
+    assert info.comm == "curl" and info.argv is None
