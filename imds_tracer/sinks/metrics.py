@@ -9,7 +9,12 @@ from __future__ import annotations
 import os
 import platform
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
+import socket
+import threading
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.exposition import MetricsHandler
 from prometheus_client.process_collector import ProcessCollector
 
 from .. import __version__
@@ -76,14 +81,20 @@ class MetricsSink:
     def serve(self, addr: str) -> None:
         host, _, port = addr.rpartition(":")
         host = host.strip("[]")
+        # our own server (not start_http_server): its port and shutdown are ours on every
+        # prometheus-client version, Debian 12's 0.16 included
+        server_class = type("MetricsServer", (ThreadingHTTPServer,), {
+            "daemon_threads": True,
+            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
         try:
-            started = start_http_server(int(port), addr=host, registry=self.registry)
-        except OSError as exc:
-            raise MetricsError(f"metrics address {addr}: {exc.strerror or exc} "
+            self._server = server_class((host, int(port)), MetricsHandler.factory(self.registry))
+        except (OSError, OverflowError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise MetricsError(f"metrics address {addr}: {reason} "
                                "(change --metrics-addr or metrics.addr, \"\" turns it off)") \
                 from None
-        # prometheus-client >= 0.17 returns (server, thread); older ones return None
-        self._server = started[0] if isinstance(started, tuple) else None
+        threading.Thread(target=self._server.serve_forever, name="metrics",
+                         daemon=True).start()
 
     @property
     def port(self) -> int | None:
