@@ -9,7 +9,8 @@ OS_STAMP   := .os-deps.stamp
 # OS packages: BCC from the distribution (not PyPI), headers for it to compile against,
 # and the real tools the tests drive (tcpdump, curl, iproute2, promtool, dpkg-deb, tshark).
 OS_PACKAGES ?= python3-bpfcc python3-venv python3-pip iproute2 tcpdump curl \
-	prometheus dpkg-dev fakeroot rpm tshark systemd
+	prometheus dpkg-dev fakeroot rpm tshark systemd logrotate help2man \
+	python3-psutil python3-prometheus-client python3-scapy python3-seccomp
 
 .PHONY: all deps os-deps venv run test test-unit bench deb rpm clean
 
