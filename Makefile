@@ -8,7 +8,7 @@ STAMP      := $(VENV)/.installed
 OS_STAMP   := .os-deps.stamp
 # OS packages: BCC from the distribution (not PyPI), headers for it to compile against,
 # and the real tools the tests drive (tcpdump, curl, iproute2, promtool, dpkg-deb, tshark).
-OS_PACKAGES ?= python3-bpfcc python3-venv python3-pip iproute2 tcpdump curl \
+OS_PACKAGES ?= python3-bpfcc bpftool python3-venv python3-pip iproute2 tcpdump curl \
 	prometheus dpkg-dev fakeroot rpm tshark systemd logrotate help2man \
 	python3-psutil python3-prometheus-client python3-scapy python3-seccomp
 

@@ -193,7 +193,9 @@ def cmd_run(args) -> int:
     source = open_source(config, config.backend)  # raises SourceError
     pipeline, _metrics = _build(config, backend=source.name, console=config.console,
                                 metrics_addr=config.metrics_addr,
-                                enricher=Enricher(parents=config.parents))
+                                enricher=Enricher(parents=config.parents,
+                                                  lookup=getattr(source, "lookup_process",
+                                                                 None)))
     flags = {"stop": False, "reopen": False}
     signal.signal(signal.SIGTERM, lambda *_: flags.__setitem__("stop", True))
     signal.signal(signal.SIGINT, lambda *_: flags.__setitem__("stop", True))

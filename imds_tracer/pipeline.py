@@ -15,7 +15,7 @@ from .config import Config
 from .enrich import Enricher
 from .flows import FlowTable
 from .model import Chunk, Exchange, ProcessInfo, RequestRecord
-from .redact import escape, redact_header, redact_raw
+from .redact import escape, redact_header, redact_raw, redact_text
 
 log = logging.getLogger("imds_tracer")
 
@@ -32,7 +32,7 @@ class Sink(Protocol):
 def _safe_process(info: ProcessInfo | None) -> ProcessInfo | None:
     if info is None:
         return None
-    argv = tuple(escape(a) for a in info.argv) if info.argv is not None else None
+    argv = tuple(redact_text(a) for a in info.argv) if info.argv is not None else None
     return ProcessInfo(pid=info.pid, comm=escape(info.comm) if info.comm else info.comm,
                        argv=argv, exe=escape(info.exe) if info.exe else info.exe)
 

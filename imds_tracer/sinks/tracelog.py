@@ -13,11 +13,12 @@ counted, and writing resumes when it can.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from datetime import datetime
 
 from ..model import ProcessInfo, RequestRecord
-from ..redact import escape
+from ..redact import delimit
 
 LOG_NAME = "imds-trace.log"
 MODE_WORDS = {"normal": "normal-mode", "hardened": "hardened-mode", "n/a": "no-token-mode",
@@ -25,15 +26,21 @@ MODE_WORDS = {"normal": "normal-mode", "hardened": "hardened-mode", "n/a": "no-t
 
 
 def timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+    return _local_iso(datetime.fromtimestamp(ts).replace(microsecond=0))
+
+
+@functools.lru_cache(maxsize=8)
+def _local_iso(naive: datetime) -> str:
+    # astimezone() asks the C library for the zone each call: once per second is enough
+    return naive.astimezone().isoformat(timespec="seconds")
 
 
 def _proc(info: ProcessInfo | None) -> str:
     if info is None:
         return "(pid:-:- argv:-)"
     pid = "-" if info.pid is None else str(info.pid)
-    comm = escape(info.comm or "-", " ():")
-    argv = " ".join(escape(a, ")") for a in info.argv) if info.argv else "-"
+    comm = delimit(info.comm or "-", " ():")
+    argv = " ".join(delimit(a, ")") for a in info.argv) if info.argv else "-"
     return f"(pid:{pid}:{comm} argv:{argv})"
 
 
@@ -51,17 +58,17 @@ def format_line(record: RequestRecord) -> str:
     if record.problems:
         parts.append("problems=" + ",".join(record.problems))
     if record.method is not None:
-        parts.append(escape(record.method, " "))
-        parts.append(escape(record.path or "", " ") or "-")
+        parts.append(delimit(record.method, " "))
+        parts.append(delimit(record.path or "", " ") or "-")
     else:
-        parts.append(f"unparsed={escape(record.raw_excerpt or '', ' ')[:120] or '-'}")
+        parts.append(f"unparsed={delimit(record.raw_excerpt or '', ' ')[:120] or '-'}")
     dst = f"[{record.dst_ip}]" if ":" in record.dst_ip else record.dst_ip
     parts.append(f"dst={dst}:{record.dst_port}")
     parts.append(f"status={record.status if record.status is not None else '-'}")
     if record.truncated:
         parts.append("truncated")
     if record.note:
-        parts.append(f"note={escape(record.note, ' ')}")
+        parts.append(f"note={delimit(record.note, ' ')}")
     parts.append(_proc(record.process))
     if record.parents:
         parts.append("called by -> " + " -> ".join(_proc(p) for p in record.parents))
@@ -81,6 +88,7 @@ class RotatingFile:
         self._fd: int | None = None
         self._size = 0
         self._broken = False     # the last write failed: reopen before the next
+        self._half_line = False  # a cut line could not be taken back: start on a new line
         self._open()
 
     def _open(self) -> None:
@@ -129,15 +137,28 @@ class RotatingFile:
                     raise OSError(errno.EIO, "cannot reopen")
             if self._size and self._size + len(data) > self.max_bytes:
                 self._rotate()
+            if self._half_line:
+                data = b"\n" + data
             written = os.write(self._fd, data)
             self._size += written
             if written != len(data):
+                self._take_back(written)
                 raise OSError(errno.ENOSPC, "short write")
+            self._half_line = False
             return True
         except OSError:
             self.failed += 1
             self._broken = True
             return False
+
+    def _take_back(self, count: int) -> None:
+        """Remove the start of a line that did not fit (disk full): left there, the next line
+        would be glued to it. If that fails, the next line starts with a newline instead."""
+        try:
+            os.ftruncate(self._fd, max(0, os.fstat(self._fd).st_size - count))
+            self._size = max(0, self._size - count)
+        except OSError:
+            self._half_line = True
 
     def close(self) -> None:
         self._close()

@@ -185,30 +185,47 @@ def load_bpf(filename: str, cflags: list[str]):
     if not build.exists():
         raise SourceError(f"no kernel headers at {build} (BCC needs them to compile "
                           f"{filename}); install linux-headers; see imds-tracer doctor")
-    try:
-        with _quiet_stderr_unless_debug():
-            return BPF(text=text, cflags=cflags)
-    except Exception as exc:  # BCC raises bare Exception on compile/load errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"loading {filename} failed: {first} "
-                          f"(BPF unavailable or locked down?); see imds-tracer doctor") from None
+    with _captured_stderr() as captured:
+        try:
+            return BPF(text=text.encode(), cflags=cflags)
+        except Exception as exc:  # BCC raises bare Exception on compile/load errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = _first_error(captured())
+            raise SourceError(f"loading {filename} failed: {first}"
+                              + (f" ({why})" if why else "")
+                              + "; see imds-tracer doctor") from None
+
+
+def _first_error(text: str) -> str:
+    """The line of BCC's stderr that says why: a clang error or the verifier's verdict."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line:
+            return line[:300]
+    verifier = [line for line in lines if not line.startswith(("processed ", "HINT"))]
+    for line in reversed(verifier):
+        if not re.match(r"^\d+: \(", line) and not line.startswith(";"):
+            return line[:300]
+    return ""
 
 
 @contextlib.contextmanager
-def _quiet_stderr_unless_debug():
-    # BCC prints clang warnings about the mismatched headers on every start; they mean
-    # nothing for the tracepoint backend. Keep them when debugging.
+def _captured_stderr():
+    """BCC (C++) writes clang warnings and verifier logs straight to fd 2. Keep them out of
+    the agent's stderr (the 6.1-vs-6.18 header warnings mean nothing for the tracepoint
+    backend) but available for the error message; pass them through when debugging."""
     if log.isEnabledFor(logging.DEBUG):
-        yield
+        yield lambda: ""
         return
+    import tempfile
     saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: (tmp.seek(0), tmp.read().decode("utf-8", "replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def read_proc_argv(pid: int) -> tuple[str, ...] | None:
@@ -262,7 +279,8 @@ class KernelSource:
         self._last_counter_read = 0.0
         self._clock_offset = time.time() - time.monotonic()
         self.stats = {"events": 0, "connects": 0, "sends": 0, "recvs": 0, "closes": 0,
-                      "resets": 0, "kernel_lost": 0}
+                      "resets": 0, "kernel_lost": 0, "argv_from_exec_cache": 0,
+                      "argv_from_proc": 0, "argv_unknown": 0, "proc_argv_gone_at_connect": 0}
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> int:
@@ -288,6 +306,8 @@ class KernelSource:
     def stop(self) -> None:
         bpf, self.bpf = self.bpf, None
         if bpf is not None:
+            log.info("%s backend stopped: %s", self.name,
+                     " ".join(f"{k}={v}" for k, v in self.stats.items()))
             with contextlib.suppress(Exception):
                 bpf.cleanup()
 
@@ -303,7 +323,7 @@ class KernelSource:
     def _attach_process_cache(self) -> int:
         """The fork tracepoint (exec's are TRACEPOINT_PROBEs, attached by BCC at load)."""
         try:
-            self.bpf.attach_tracepoint(tp="sched:sched_process_fork", fn_name="imds_on_fork")
+            self.bpf.attach_tracepoint(tp=b"sched:sched_process_fork", fn_name=b"imds_on_fork")
             return 1
         except Exception as exc:
             log.warning("sched:sched_process_fork not attached (%s): parents of processes "
@@ -450,9 +470,18 @@ class KernelSource:
         argv = None
         if not ev.flags & F_NO_ARGV and payload:
             argv = split_argv(payload)
-        if argv is None:
+        # what /proc would have told us now: measures how much the exec-time cache matters
+        proc_argv = read_proc_argv(ev.tgid)
+        if proc_argv is None:
+            self.stats["proc_argv_gone_at_connect"] += 1
+        if argv is not None:
+            self.stats["argv_from_exec_cache"] += 1
+        elif proc_argv is not None:
             # exec'd before the agent started: the process is alive right now, usually
-            argv = read_proc_argv(ev.tgid)
+            argv = proc_argv
+            self.stats["argv_from_proc"] += 1
+        else:
+            self.stats["argv_unknown"] += 1
         self._remember(ev, argv)
 
     def _remember(self, ev: EventHeader, argv) -> ConnInfo:
@@ -527,12 +556,15 @@ def open_source(config: "Config", backend_name: str):
     reasons = []
     for cls in candidates:
         source = cls(config)
-        if backend_name == "auto":
-            why_not = cls.unavailable_reason()
-            if why_not:
-                log.info("backend %s not usable: %s", cls.name, why_not)
-                reasons.append(f"{cls.name}: {why_not}")
-                continue
+        why_not = cls.unavailable_reason()
+        if why_not:
+            if backend_name != "auto":
+                other = "tracepoint" if cls.name == "kprobe" else "kprobe"
+                raise SourceError(f"{cls.name} backend cannot run: {why_not}; "
+                                  f"use --backend {other}; see imds-tracer doctor")
+            log.info("backend %s not usable: %s", cls.name, why_not)
+            reasons.append(f"{cls.name}: {why_not}")
+            continue
         try:
             source.start()
         except SourceError as exc:

@@ -61,3 +61,14 @@ def test_pid_reused_by_another_program_is_not_believed():
     # our own pid, but the kernel said the sender was "curl": /proc is someone else now
     info, _, _ = Enricher().describe(ProcessSnapshot(pid=os.getpid(), comm="curl"))
     assert info.comm == "curl" and info.argv is None
+
+
+def test_gone_parents_come_from_the_kernel_caches():
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    caches = {gone.pid: (os.getpid(), ("sh", "-c", "curl ...")), }
+    snap = ProcessSnapshot(pid=gone.pid + 100000, comm="curl", ppid=gone.pid,
+                           argv=("curl", "http://169.254.169.254/"))
+    _, parents, _ = Enricher(lookup=lambda pid: caches.get(pid, (None, None))).describe(snap)
+    assert parents[0].pid == gone.pid and parents[0].argv == ("sh", "-c", "curl ...")
+    assert parents[1].pid == os.getpid()

@@ -21,3 +21,12 @@ def test_raw_bytes_lose_secrets_too():
     text = redact_raw(b"\x00junk\r\nX-aws-ec2-metadata-token: TOPSECRET\r\nauthorization:x\r\n")
     assert "TOPSECRET" not in text and "authorization:x" not in text.lower()
     assert "\r" not in text and "\n" not in text
+
+
+def test_tokens_on_a_command_line_are_redacted():
+    from imds_tracer.redact import redact_text
+    assert redact_text("X-aws-ec2-metadata-token: AQAEsecret==") == \
+        "X-aws-ec2-metadata-token: " + REDACTED
+    assert "Oracle" not in redact_text("Authorization:Bearer Oracle")
+    assert redact_text("X-aws-ec2-metadata-token-ttl-seconds: 21600").endswith("21600")
+    assert redact_text("http://169.254.169.254/latest/") == "http://169.254.169.254/latest/"

@@ -1,0 +1,232 @@
+"""Struct field offsets and enum values of the *running* kernel, read from its BTF.
+
+The kprobe backend reads kernel structs (sock_common, msghdr, iov_iter). Their layout moves
+between versions (iov_iter's ubuf/__iov: +24 in 6.1, +16 in 6.18) and the headers BCC compiles
+against may be another kernel's (SPEC §6); the verifier does not notice a wrong probe-read
+offset. So every offset the kprobe program uses comes from here and is passed to it as a -D
+constant. Plain Python over the documented BTF format (linux/btf.h): no tool needed at run
+time; tests cross-check it against `bpftool btf dump`.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
+BTF_MAGIC = 0xEB9F
+
+# kinds (linux/btf.h)
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+_MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
+
+
+class BtfError(Exception):
+    """The BTF is missing, malformed, or lacks what was asked for."""
+
+
+@dataclass(frozen=True)
+class BtfType:
+    kind: int
+    name: str
+    size_or_type: int
+    vlen: int
+    kind_flag: bool
+    extra: tuple   # members (name, type_id, bit_offset) / enum values (name, value) / array
+
+
+class Btf:
+    def __init__(self, data: bytes):
+        if len(data) < 24:
+            raise BtfError("BTF too short")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != BTF_MAGIC:
+            raise BtfError("not BTF (bad magic; big-endian BTF is not supported)")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self._strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
+        self.types: list[BtfType | None] = [None]   # type id 0 is void
+        self._by_name: dict[tuple[int, str], list[int]] = {}
+        self._parse(data[hdr_len + type_off:hdr_len + type_off + type_len])
+
+    @classmethod
+    def load(cls, path: str | Path = VMLINUX_BTF) -> "Btf":
+        try:
+            return cls(Path(path).read_bytes())
+        except OSError as exc:
+            raise BtfError(f"cannot read {path}: {exc.strerror} (kernel built without "
+                           "CONFIG_DEBUG_INFO_BTF?)") from None
+
+    def _str(self, off: int) -> str:
+        end = self._strings.find(b"\0", off)
+        return self._strings[off:end].decode("ascii", "replace")
+
+    def _parse(self, buf: bytes) -> None:
+        pos = 0
+        n = len(buf)
+        while pos + 12 <= n:
+            name_off, info, size_or_type = struct.unpack_from("<III", buf, pos)
+            pos += 12
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            kind_flag = bool(info >> 31)
+            extra: tuple = ()
+            if kind == INT or kind == VAR or kind == DECL_TAG:
+                pos += 4
+            elif kind == ARRAY:
+                extra = struct.unpack_from("<III", buf, pos)  # type, index_type, nelems
+                pos += 12
+            elif kind in (STRUCT, UNION):
+                members = []
+                for i in range(vlen):
+                    m_name, m_type, m_off = struct.unpack_from("<III", buf, pos + 12 * i)
+                    bit_off = m_off & 0xFFFFFF if kind_flag else m_off
+                    members.append((self._str(m_name), m_type, bit_off))
+                extra = tuple(members)
+                pos += 12 * vlen
+            elif kind == ENUM:
+                values = []
+                for i in range(vlen):
+                    e_name, e_val = struct.unpack_from("<Ii", buf, pos + 8 * i)
+                    values.append((self._str(e_name), e_val))
+                extra = tuple(values)
+                pos += 8 * vlen
+            elif kind == ENUM64:
+                values = []
+                for i in range(vlen):
+                    e_name, lo, hi = struct.unpack_from("<III", buf, pos + 12 * i)
+                    values.append((self._str(e_name), (hi << 32) | lo))
+                extra = tuple(values)
+                pos += 12 * vlen
+            elif kind == FUNC_PROTO:
+                pos += 8 * vlen
+            elif kind == DATASEC:
+                pos += 12 * vlen
+            elif kind in (PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG):
+                pass
+            else:
+                raise BtfError(f"unknown BTF kind {kind} at type {len(self.types)}")
+            t = BtfType(kind, self._str(name_off), size_or_type, vlen, kind_flag, extra)
+            if t.name:
+                self._by_name.setdefault((kind, t.name), []).append(len(self.types))
+            self.types.append(t)
+
+    # ---- queries --------------------------------------------------------------------------
+    def find(self, kind: int, name: str) -> BtfType:
+        ids = self._by_name.get((kind, name))
+        if not ids:
+            raise BtfError(f"type {name!r} not in this kernel's BTF")
+        # a complete definition (FWD declarations are another kind anyway)
+        return self.types[ids[0]]
+
+    def resolve(self, type_id: int) -> BtfType | None:
+        t = self.types[type_id]
+        while t is not None and t.kind in _MODIFIERS:
+            t = self.types[t.size_or_type]
+        return t
+
+    def has_member(self, struct_name: str, member: str) -> bool:
+        try:
+            self.member_offset(struct_name, member)
+            return True
+        except BtfError:
+            return False
+
+    def member_offset(self, struct_name: str, member: str) -> int:
+        """Byte offset of `member` in `struct struct_name`, looking into anonymous
+        structs/unions; a dotted path (`a.b`) descends into named members."""
+        t = self.find(STRUCT, struct_name)
+        offset_bits = 0
+        for part in member.split("."):
+            found = self._member_in(t, part)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {member!r} in this kernel")
+            bits, t_id = found
+            offset_bits += bits
+            t = self.resolve(t_id)
+        if offset_bits % 8:
+            raise BtfError(f"{struct_name}.{member} is a bit field")
+        return offset_bits // 8
+
+    def member_size(self, struct_name: str, member: str) -> int:
+        t = self.find(STRUCT, struct_name)
+        for part in member.split("."):
+            found = self._member_in(t, part)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {member!r} in this kernel")
+            t = self.resolve(found[1])
+        return self.sizeof(t)
+
+    def sizeof(self, t: BtfType) -> int:
+        if t.kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT):
+            return t.size_or_type
+        if t.kind == PTR:
+            return 8
+        if t.kind == ARRAY:
+            elem_type, _index, nelems = t.extra
+            return self.sizeof(self.resolve(elem_type)) * nelems
+        raise BtfError(f"no size for BTF kind {t.kind}")
+
+    def _member_in(self, t: BtfType, name: str):
+        if t is None or t.kind not in (STRUCT, UNION):
+            return None
+        for m_name, m_type, bit_off in t.extra:
+            if m_name == name:
+                return bit_off, m_type
+        for m_name, m_type, bit_off in t.extra:
+            if not m_name:   # anonymous struct/union: its members are ours
+                inner = self._member_in(self.resolve(m_type), name)
+                if inner is not None:
+                    return bit_off + inner[0], inner[1]
+        return None
+
+    def enum_value(self, enum_name: str, value_name: str) -> int:
+        for kind in (ENUM, ENUM64):
+            for tid in self._by_name.get((kind, enum_name), ()):
+                for name, value in self.types[tid].extra:
+                    if name == value_name:
+                        return value
+        raise BtfError(f"enum {enum_name} has no {value_name} in this kernel")
+
+
+# Every offset bpf/kprobe.c uses: -D name -> (struct, member). The iov pointer moved from
+# `iov` to `__iov` in 6.4; whichever exists is used.
+KPROBE_OFFSETS = {
+    "IMDS_OFF_SKC_FAMILY": ("sock_common", "skc_family"),
+    "IMDS_OFF_SKC_DADDR": ("sock_common", "skc_daddr"),
+    "IMDS_OFF_SKC_DPORT": ("sock_common", "skc_dport"),
+    "IMDS_OFF_SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
+    "IMDS_OFF_SK_COMMON": ("sock", "__sk_common"),
+    "IMDS_OFF_MSG_ITER": ("msghdr", "msg_iter"),
+    "IMDS_OFF_ITER_TYPE": ("iov_iter", "iter_type"),
+    "IMDS_OFF_ITER_IOV_OFFSET": ("iov_iter", "iov_offset"),
+    "IMDS_OFF_ITER_COUNT": ("iov_iter", "count"),
+    "IMDS_OFF_ITER_UBUF": ("iov_iter", "ubuf"),
+    "IMDS_OFF_ITER_IOV": ("iov_iter", ("__iov", "iov")),
+    "IMDS_OFF_ITER_NR_SEGS": ("iov_iter", "nr_segs"),
+}
+
+
+def kprobe_constants(btf: Btf) -> dict[str, int]:
+    """-D constants for bpf/kprobe.c from this kernel's BTF. Raises BtfError naming what is
+    missing (e.g. an old kernel without iov_iter.iter_type)."""
+    out: dict[str, int] = {}
+    for define, (struct_name, member) in KPROBE_OFFSETS.items():
+        names = member if isinstance(member, tuple) else (member,)
+        for name in names:
+            if btf.has_member(struct_name, name):
+                out[define] = btf.member_offset(struct_name, name)
+                break
+        else:
+            if define == "IMDS_OFF_ITER_UBUF":
+                out[define] = -1      # kernels before 6.0 have no ITER_UBUF
+                continue
+            raise BtfError(f"struct {struct_name} has no member {'/'.join(names)} in this kernel")
+    if btf.member_size("iov_iter", "iter_type") != 1:
+        raise BtfError("iov_iter.iter_type is not a byte in this kernel (before 5.14?)")
+    out["IMDS_ITER_IOVEC"] = btf.enum_value("iter_type", "ITER_IOVEC")
+    try:
+        out["IMDS_ITER_UBUF"] = btf.enum_value("iter_type", "ITER_UBUF")
+    except BtfError:
+        out["IMDS_ITER_UBUF"] = -1
+    return out

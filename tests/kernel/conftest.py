@@ -1,0 +1,81 @@
+"""Kernel tests: need root, BCC and BPF. Skipped with the reason elsewhere; with
+IMDS_TRACER_REQUIRE_KERNEL=1 (set by .ci/run) a missing prerequisite is a failure instead."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import pytest
+
+REQUIRE = os.environ.get("IMDS_TRACER_REQUIRE_KERNEL") == "1"
+
+
+def kernel_unavailable() -> str | None:
+    """Why BPF tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "not root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return ("bcc not importable (python3-bpfcc; use a venv made with "
+                "--system-site-packages from /usr/bin/python3)")
+    if not Path("/sys/kernel/tracing/events/syscalls").is_dir():
+        return "no syscall tracepoints under /sys/kernel/tracing (tracefs not mounted?)"
+    if not Path(f"/lib/modules/{platform.release()}/build").exists():
+        return f"no kernel headers at /lib/modules/{platform.release()}/build"
+    return None
+
+
+def skip_or_fail(reason: str) -> None:
+    if REQUIRE:
+        pytest.fail(f"IMDS_TRACER_REQUIRE_KERNEL=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.kernel)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_required():
+    reason = kernel_unavailable()
+    if reason:
+        skip_or_fail(reason)
+
+
+class Recorder:
+    """Stands in for the pipeline: records what a source delivers."""
+
+    def __init__(self):
+        self.chunks = []
+        self.closed = []
+        self.drops = []
+
+    def feed(self, chunk):
+        self.chunks.append(chunk)
+
+    def close_flow(self, flow, ts):
+        self.closed.append(flow)
+
+    def drop(self, kind, count=1, detail=""):
+        self.drops.append((kind, count, detail))
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def lab():
+    """tests.lab.netns.Lab, cleaned up after the test."""
+    from tests.lab import netns
+    reason = netns.available()
+    if reason:
+        skip_or_fail(f"lab unavailable: {reason}")
+    with netns.Lab() as the_lab:
+        yield the_lab

@@ -1,0 +1,28 @@
+"""`imds-tracer doctor` on this machine: it names what exists, what is missing, and the backend."""
+import io
+
+from imds_tracer import doctor
+from imds_tracer.config import Config
+
+
+def test_doctor_reports_this_kernel():
+    out = io.StringIO()
+    code = doctor.main(Config(), out=out)
+    text = out.getvalue()
+    print(text)
+    for name in ("BPF syscall", "capabilities", "BCC", "tracefs", "syscall tracepoints",
+                 "kprobes", "BTF", "kernel headers", "dry run"):
+        assert f"] {name}:" in text, name
+    from imds_tracer.sources.kprobe import KprobeSource
+    expected = "kprobe" if KprobeSource.unavailable_reason() is None else "tracepoint"
+    assert f"--backend auto would use {expected}" in text
+    assert code == 0
+
+
+def test_doctor_without_loading_is_quick_and_names_fixes():
+    out = io.StringIO()
+    doctor.main(Config(), load=False, out=out)
+    text = out.getvalue()
+    assert "dry run" not in text
+    if "[     no] kprobes" in text:
+        assert "fix: the tracepoint backend works without them" in text

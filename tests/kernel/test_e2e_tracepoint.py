@@ -1,0 +1,449 @@
+"""End to end on this kernel: `python -m imds_tracer run --backend tracepoint` as a subprocess,
+real clients inside a throw-away network namespace (tests.lab), and the JSON lines and the
+metrics it writes.
+
+Other sessions may run metadata clients on the same machine at the same time (in their own
+namespaces): records are matched by the pid of the client this test started (`ip netns exec`
+execs the client, so Popen.pid is the client's pid), never by counting everything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.conftest import skip_or_fail
+
+AWS_IP = "169.254.169.254"
+ALIYUN_IP = "100.100.100.200"
+AWS_IP6 = "fd00:ec2::254"
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable   # the venv's python: has bcc (system site) and botocore
+TTL_AWS = "X-aws-ec2-metadata-token-ttl-seconds: 21600"
+TTL_ALI = "X-aliyun-ecs-metadata-token-ttl-seconds: 21600"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    """`imds-tracer run` in a subprocess; JSON lines and metrics readable while it runs."""
+
+    def __init__(self, tmp: Path, backend: str = "tracepoint"):
+        self.tmp = tmp
+        self.json = tmp / "requests.jsonl"
+        self.port = free_port()
+        self.argv = [PYTHON, "-m", "imds_tracer", "run", "--log-dir", str(tmp / "logs"),
+                     "--json", str(self.json), "--metrics-addr", f"127.0.0.1:{self.port}",
+                     "--backend", backend, "--quiet"]
+        self.proc: subprocess.Popen | None = None
+        self.stderr_path = tmp / "agent.stderr"
+        self.ready_line = ""
+        self.ready_seconds = 0.0
+
+    def start(self, timeout: float = 60) -> "Agent":
+        started = time.monotonic()
+        self._stderr = open(self.stderr_path, "w+")
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, stderr=self._stderr,
+                                     stdout=subprocess.DEVNULL)
+        while time.monotonic() - started < timeout:
+            text = self.stderr_path.read_text()
+            match = re.search(r"^ready backend=(\w+) probes=(\d+)$", text, re.M)
+            if match:
+                self.ready_line = match.group(0)
+                self.ready_seconds = time.monotonic() - started
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {text[-2000:]}")
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError("agent not ready in time: " + self.stderr_path.read_text()[-2000:])
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+        finally:
+            self._stderr.close()
+
+    def records(self) -> list[dict]:
+        if not self.json.exists():
+            return []
+        out = []
+        for line in self.json.read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+        return out
+
+    def records_of(self, pids, count: int, timeout: float = 15) -> list[dict]:
+        """Wait until at least `count` records of these pids exist (then a little more, to
+        catch duplicates) and return them in log order."""
+        pids = set(pids) if not isinstance(pids, int) else {pids}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = [r for r in self.records() if r.get("pid") in pids]
+            if len(got) >= count:
+                time.sleep(0.5)
+                return [r for r in self.records() if r.get("pid") in pids]
+            time.sleep(0.1)
+        return [r for r in self.records() if r.get("pid") in pids]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from tests.lab import netns
+    reason = netns.available()
+    if reason:
+        skip_or_fail(f"lab unavailable: {reason}")
+    with netns.Lab(mode="optional") as the_lab:
+        yield the_lab
+
+
+@pytest.fixture(scope="module")
+def agent(lab, tmp_path_factory):
+    the_agent = Agent(tmp_path_factory.mktemp("agent")).start()
+    try:
+        yield the_agent
+    finally:
+        assert the_agent.stop() == 0, the_agent.stderr_path.read_text()[-2000:]
+
+
+def run_client(lab, argv, cgroup=None, timeout=30) -> int:
+    proc = lab.popen([str(a) for a in argv], cgroup=cgroup, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{argv}: {err}"
+    proc.output = out
+    return proc
+
+
+def one(records):
+    assert len(records) == 1, records
+    return records[0]
+
+
+def test_ready_line_and_start_up(agent):
+    assert agent.ready_line.startswith("ready backend=tracepoint probes=")
+    assert int(agent.ready_line.rsplit("=", 1)[1]) >= 20
+    print(f"agent ready in {agent.ready_seconds:.2f}s, RSS {agent.rss_kib() / 1024:.0f} MiB")
+
+
+def test_curl_aws_normal_mode(agent, lab):
+    url = f"http://{AWS_IP}/latest/meta-data/instance-id"
+    proc = run_client(lab, ["curl", "-s", url])
+    rec = one(agent.records_of(proc.pid, 1))
+    assert (rec["level"], rec["provider"], rec["mode"], rec["problems"]) == (
+        "WARNING", "aws", "normal", [])
+    assert (rec["method"], rec["path"], rec["status"]) == ("GET", "/latest/meta-data/instance-id", 200)
+    assert (rec["dst_ip"], rec["dst_port"], rec["source"]) == (AWS_IP, 80, "tracepoint")
+    assert rec["comm"] == "curl" and rec["argv"] == ["curl", "-s", url]
+    assert rec["container"] is None
+    assert rec["parents"] and rec["parents"][0]["pid"]
+
+
+def test_curl_aws_hardened_mode(agent, lab):
+    put = run_client(lab, ["curl", "-s", "-X", "PUT", "-H", TTL_AWS,
+                           f"http://{AWS_IP}/latest/api/token"])
+    token = put.output.strip()
+    get = run_client(lab, ["curl", "-s", "-H", f"X-aws-ec2-metadata-token: {token}",
+                           f"http://{AWS_IP}/latest/meta-data/ami-id"])
+    rec_put = one(agent.records_of(put.pid, 1))
+    rec_get = one(agent.records_of(get.pid, 1))
+    assert (rec_put["level"], rec_put["provider"], rec_put["mode"], rec_put["method"],
+            rec_put["status"]) == ("INFO", "aws", "hardened", "PUT", 200)
+    assert (rec_get["level"], rec_get["mode"], rec_get["status"]) == ("INFO", "hardened", 200)
+    assert rec_get["headers"]["X-aws-ec2-metadata-token"] != token
+
+
+def test_token_never_leaves_the_agent(agent, lab):
+    """SPEC §2: secrets are redacted in every output -- also when the client had the token on
+    its command line (curl -H 'X-aws-ec2-metadata-token: ...'), i.e. in argv."""
+    put = run_client(lab, ["curl", "-s", "-X", "PUT", "-H", TTL_AWS,
+                           f"http://{AWS_IP}/latest/api/token"])
+    token = put.output.strip()
+    get = run_client(lab, ["curl", "-s", "-H", f"X-aws-ec2-metadata-token: {token}",
+                           f"http://{AWS_IP}/latest/meta-data/instance-id"])
+    one(agent.records_of(get.pid, 1))
+    assert token not in agent.json.read_text()
+    assert token not in "".join(p.read_text() for p in (agent.tmp / "logs").glob("imds-trace*"))
+
+
+def test_aws_problems_and_rejected_token(agent, lab):
+    bad_ttl = run_client(lab, ["curl", "-s", "-X", "PUT", "-H",
+                               "X-aws-ec2-metadata-token-ttl-seconds: 0",
+                               f"http://{AWS_IP}/latest/api/token"])
+    bad_tok = run_client(lab, ["curl", "-s", "-H", "X-aws-ec2-metadata-token: nope",
+                               f"http://{AWS_IP}/latest/meta-data/ami-id"])
+    rec = one(agent.records_of(bad_ttl.pid, 1))
+    assert rec["level"] == "ERROR" and "ttl_out_of_range" in rec["problems"]
+    assert rec["status"] == 400
+    rec = one(agent.records_of(bad_tok.pid, 1))
+    assert rec["status"] == 401 and rec["mode"] == "hardened"
+
+
+def test_curl_aliyun_both_modes(agent, lab):
+    normal = run_client(lab, ["curl", "-s", f"http://{ALIYUN_IP}/latest/meta-data/instance-id"])
+    put = run_client(lab, ["curl", "-s", "-X", "PUT", "-H", TTL_ALI,
+                           f"http://{ALIYUN_IP}/latest/api/token"])
+    get = run_client(lab, ["curl", "-s", "-H",
+                           f"X-aliyun-ecs-metadata-token: {put.output.strip()}",
+                           f"http://{ALIYUN_IP}/latest/meta-data/instance-id"])
+    rec = one(agent.records_of(normal.pid, 1))
+    assert (rec["level"], rec["provider"], rec["mode"], rec["status"]) == (
+        "WARNING", "aliyun", "normal", 200)
+    assert one(agent.records_of(put.pid, 1))["mode"] == "hardened"
+    rec = one(agent.records_of(get.pid, 1))
+    assert (rec["provider"], rec["mode"], rec["status"]) == ("aliyun", "hardened", 200)
+
+
+def test_curl_ipv6(agent, lab):
+    proc = run_client(lab, ["curl", "-s", "-g", f"http://[{AWS_IP6}]/latest/meta-data/instance-id"])
+    rec = one(agent.records_of(proc.pid, 1))
+    assert (rec["dst_ip"], rec["provider"], rec["mode"], rec["status"]) == (
+        AWS_IP6, "aws", "normal", 200)
+
+
+SPLIT_SENDS = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80))
+for part in (b"GET /latest/meta-data/ami-id HTTP/1.1\r\n", b"Host: split\r\n",
+             b"User-Agent: split-sender\r\n", b"Connection: close\r\n", b"\r\n"):
+    s.send(part)
+while s.recv(4096):
+    pass
+"""
+
+HTTP_CLIENT = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 80)
+c.putrequest("GET", "/latest/meta-data/hostname")
+c.putheader("X-Test", "http.client")
+c.endheaders()
+r = c.getresponse(); r.read()
+c.request("POST", "/latest/meta-data/x", body=b"0123456789", headers={"X-Body": "yes"})
+r = c.getresponse(); r.read()
+"""
+
+VECTOR_SENDERS = r"""
+import os, socket, sys
+ip = sys.argv[1]
+def read_response(sock):
+    f = sock.makefile("rb")
+    length = 0
+    while True:
+        line = f.readline()
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+        if line in (b"\r\n", b""):
+            break
+    f.read(length)
+s = socket.create_connection((ip, 80))
+os.writev(s.fileno(), [b"GET /latest/meta-data/mac HTTP/1.1\r\n", b"Host: v\r\n", b"\r\n"])
+read_response(s)
+s.sendmsg([b"GET /latest/meta-data/local-ipv4 HTTP/1.1\r\n", b"Host: m\r\n",
+           b"Connection: close\r\n\r\n"])
+read_response(s)
+t = socket.create_connection((ip, 80))
+os.write(t.fileno(), b"GET /latest/meta-data/placement/region HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+read_response(t)
+"""
+
+
+def test_request_split_over_sends(agent, lab):
+    proc = run_client(lab, [PYTHON, "-c", SPLIT_SENDS, AWS_IP])
+    rec = one(agent.records_of(proc.pid, 1))
+    assert rec["path"] == "/latest/meta-data/ami-id" and rec["status"] == 200
+    assert rec["headers"].get("User-Agent") == "split-sender"
+
+
+def test_http_client_keepalive_with_body(agent, lab):
+    proc = run_client(lab, [PYTHON, "-c", HTTP_CLIENT, AWS_IP])
+    recs = agent.records_of(proc.pid, 2)
+    assert [(r["method"], r["path"]) for r in recs] == [
+        ("GET", "/latest/meta-data/hostname"), ("POST", "/latest/meta-data/x")]
+    assert recs[0]["status"] == 200 and recs[1]["status"] == 405
+
+
+def test_writev_sendmsg_write(agent, lab):
+    proc = run_client(lab, [PYTHON, "-c", VECTOR_SENDERS, AWS_IP])
+    recs = agent.records_of(proc.pid, 3)
+    assert sorted(r["path"] for r in recs) == sorted([
+        "/latest/meta-data/mac", "/latest/meta-data/local-ipv4",
+        "/latest/meta-data/placement/region"])
+    assert all(r["status"] == 200 and r["mode"] == "normal" for r in recs)
+
+
+def test_curl_keepalive_several_requests(agent, lab):
+    base = f"http://{AWS_IP}/latest/meta-data"
+    proc = run_client(lab, ["curl", "-s", f"{base}/instance-id", f"{base}/ami-id",
+                            f"{base}/hostname"])
+    recs = agent.records_of(proc.pid, 3)
+    assert [r["path"] for r in recs] == ["/latest/meta-data/instance-id",
+                                         "/latest/meta-data/ami-id", "/latest/meta-data/hostname"]
+    assert all(r["status"] == 200 for r in recs)
+
+
+BOTOCORE = r"""
+from botocore.utils import InstanceMetadataFetcher
+creds = InstanceMetadataFetcher(timeout=2, num_attempts=1).retrieve_iam_role_credentials()
+assert creds.get("access_key"), creds
+"""
+
+
+def test_botocore_fetcher_is_hardened(agent, lab):
+    proc = run_client(lab, [PYTHON, "-c", BOTOCORE])
+    recs = agent.records_of(proc.pid, 3)
+    assert recs[0]["method"] == "PUT" and recs[0]["path"] == "/latest/api/token"
+    assert len(recs) >= 3
+    assert all(r["provider"] == "aws" and r["mode"] == "hardened" and r["level"] == "INFO"
+               for r in recs), recs
+    assert recs[0]["argv"][0] == PYTHON
+
+
+def test_azure_and_gcp_are_not_warnings(agent, lab):
+    azure = run_client(lab, ["curl", "-s", "-H", "Metadata: true",
+                             f"http://{AWS_IP}/metadata/instance?api-version=2021-02-01"])
+    azure_bad = run_client(lab, ["curl", "-s", f"http://{AWS_IP}/metadata/instance"])
+    gcp = run_client(lab, ["curl", "-s", "-H", "Metadata-Flavor: Google",
+                           f"http://{AWS_IP}/computeMetadata/v1/instance/id"])
+    rec = one(agent.records_of(azure.pid, 1))
+    assert (rec["provider"], rec["mode"], rec["level"], rec["problems"], rec["status"]) == (
+        "azure", "n/a", "INFO", [], 200)
+    rec = one(agent.records_of(azure_bad.pid, 1))
+    assert rec["provider"] == "azure" and rec["level"] == "ERROR"
+    assert {"missing_metadata_header", "missing_api_version"} <= set(rec["problems"])
+    rec = one(agent.records_of(gcp.pid, 1))
+    assert (rec["provider"], rec["mode"], rec["level"], rec["status"]) == ("gcp", "n/a", "INFO", 200)
+
+
+def test_client_in_a_docker_like_cgroup(agent, lab):
+    cid = secrets.token_hex(32)
+    cgroup = lab.make_cgroup(f"system.slice/docker-{cid}.scope")
+    proc = run_client(lab, ["curl", "-s", f"http://{AWS_IP}/latest/meta-data/instance-id"],
+                      cgroup=cgroup)
+    rec = one(agent.records_of(proc.pid, 1))
+    assert rec["container"] == {"runtime": "docker", "id": cid, "pod_uid": None}
+    assert rec["cgroup_id"] == os.stat(cgroup).st_ino
+
+
+def test_metrics_match_the_log(agent, lab):
+    proc = run_client(lab, ["curl", "-s", f"http://{ALIYUN_IP}/latest/meta-data/hostname"])
+    agent.records_of(proc.pid, 1)
+    for _ in range(20):
+        text = agent.metrics()
+        records = agent.records()
+        want = sum(1 for r in records if r["provider"] == "aliyun" and r["mode"] == "normal")
+        got = 0.0
+        for m in re.finditer(r"^imds_tracer_requests_total\{([^}]*)\} (\S+)$", text, re.M):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            if labels.get("provider") == "aliyun" and labels.get("mode") == "normal":
+                got += float(m.group(2))
+        if want and got == want:
+            break
+        time.sleep(0.3)
+    assert want >= 1 and got == want, (got, want)
+    assert "imds_tracer_lost_events_total" in text
+
+
+KEEPALIVE = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80))
+f = s.makefile("rb")
+def get(path):
+    # reads the whole response (headers, then Content-Length bytes): the next request starts
+    # on a clean stream
+    s.sendall(("GET %s HTTP/1.1\r\nHost: k\r\n\r\n" % path).encode())
+    length = 0
+    while True:
+        line = f.readline()
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+        if line in (b"\r\n", b""):
+            break
+    f.read(length)
+get("/latest/meta-data/instance-id")
+print("first", flush=True)
+sys.stdin.readline()
+get("/latest/meta-data/ami-id")
+get("/latest/meta-data/hostname")
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("ip", [AWS_IP, AWS_IP6])
+def test_agent_started_after_the_connection_opened(lab, tmp_path, ip):
+    client = lab.popen([PYTHON, "-c", KEEPALIVE, ip], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "first"
+        late = Agent(tmp_path).start()
+        try:
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert client.stdout.readline().strip() == "done"
+            recs = late.records_of(client.pid, 2)
+        finally:
+            assert late.stop() == 0
+    finally:
+        client.kill()
+        client.wait(5)
+    assert [r["path"] for r in recs] == ["/latest/meta-data/ami-id", "/latest/meta-data/hostname"]
+    assert all(r["dst_ip"] == ip and r["status"] == 200 for r in recs), recs
+
+
+FLOOD = r"""
+import socket, sys
+ip, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    s = socket.create_connection((ip, 80))
+    s.sendall(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: f\r\nConnection: close\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+"""
+
+
+def test_flood_everything_logged_or_counted(agent, lab):
+    procs_n, per_proc = 16, 40
+    before = agent.metrics()
+    lost_before = _metric_sum(before, "imds_tracer_lost_events_total")
+    procs = [lab.popen([PYTHON, "-c", FLOOD, AWS_IP, str(per_proc)]) for _ in range(procs_n)]
+    for p in procs:
+        assert p.wait(120) == 0
+    pids = {p.pid for p in procs}
+    recs = agent.records_of(pids, procs_n * per_proc, timeout=30)
+    lost = _metric_sum(agent.metrics(), "imds_tracer_lost_events_total") - lost_before
+    print(f"flood: {len(recs)}/{procs_n * per_proc} logged, {lost:.0f} events counted lost")
+    assert len(recs) <= procs_n * per_proc          # never twice
+    assert len(recs) == procs_n * per_proc or lost > 0
+
+
+def _metric_sum(text: str, name: str) -> float:
+    return sum(float(m.group(1)) for m in re.finditer(
+        rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
