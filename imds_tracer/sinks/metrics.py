@@ -30,6 +30,14 @@ PROBLEMS = ("ttl_out_of_range", "ttl_missing", "x_forwarded_for", "empty_token",
 OTHER = "other"
 
 
+def _outcome(status: int | None) -> str:
+    if status is None:
+        return "unanswered"
+    if status in (401, 403):
+        return "refused"
+    return "succeeded" if 200 <= status < 400 else "failed"
+
+
 class MetricsError(Exception):
     pass
 
@@ -47,8 +55,9 @@ class MetricsSink:
                               ["executable", "provider"], registry=r)
         self.outcomes = Counter("imds_tracer_normal_mode_outcomes",
                                 "Normal-mode requests by how the service answered: succeeded "
-                                "(breaks when hardened-only is enforced), refused (401/403), "
-                                "unanswered", ["outcome"], registry=r)
+                                "(2xx/3xx: breaks when hardened-only is enforced), refused "
+                                "(401/403), failed (other status), unanswered",
+                                ["outcome"], registry=r)
         self.problems = Counter("imds_tracer_problems", "Requests with a problem, by kind",
                                 ["problem"], registry=r)
         self.lost = Counter("imds_tracer_lost_events", "Events lost before user space read them",
@@ -70,7 +79,7 @@ class MetricsSink:
                 self.requests.labels(provider, mode, "GET")
         for problem in PROBLEMS:
             self.problems.labels(problem)
-        for outcome in ("succeeded", "refused", "unanswered"):
+        for outcome in ("succeeded", "refused", "failed", "unanswered"):
             self.outcomes.labels(outcome)
         for stage in ("kernel", "user"):
             self.lost.labels(stage)
@@ -123,9 +132,7 @@ class MetricsSink:
             self.unparsed.inc()
         if record.mode == "normal" and record.level == "WARNING":
             self.normal.labels(self._executable(record), provider).inc()
-            status = record.status
-            self.outcomes.labels("unanswered" if status is None else
-                                 "refused" if status in (401, 403) else "succeeded").inc()
+            self.outcomes.labels(_outcome(record.status)).inc()
             self.last_normal.set(record.time)
 
     def count_drop(self, kind: str, count: int) -> None:
