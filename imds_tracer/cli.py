@@ -190,12 +190,18 @@ def cmd_run(args) -> int:
     from .sources.kernel import open_source
 
     config = _config(args)
-    source = open_source(config, config.backend)  # raises SourceError
-    pipeline, _metrics = _build(config, backend=source.name, console=config.console,
-                                metrics_addr=config.metrics_addr,
-                                enricher=Enricher(parents=config.parents,
-                                                  lookup=getattr(source, "lookup_process",
-                                                                 None)))
+    # outputs first: a taken metrics port or an unwritable log dir fails before the
+    # seconds BCC takes to compile
+    enricher = Enricher(parents=config.parents)
+    pipeline, metrics = _build(config, backend=config.backend, console=config.console,
+                               metrics_addr=config.metrics_addr, enricher=enricher)
+    try:
+        source = open_source(config, config.backend)  # raises SourceError
+    except BaseException:
+        pipeline.close()
+        raise
+    metrics.set_backend(source.name)
+    enricher.lookup = getattr(source, "lookup_process", None)
     flags = {"stop": False, "reopen": False}
     signal.signal(signal.SIGTERM, lambda *_: flags.__setitem__("stop", True))
     signal.signal(signal.SIGINT, lambda *_: flags.__setitem__("stop", True))

@@ -70,8 +70,9 @@ class MetricsSink:
                                  "When the last normal-mode request was seen (0: never)",
                                  registry=r)
         self.info = Info("imds_tracer", "The agent", registry=r)
-        self.info.info({"version": __version__, "backend": backend,
-                        "kernel": platform.release(), "cloud": cloud or "unknown"})
+        self._info = {"version": __version__, "backend": backend,
+                      "kernel": platform.release(), "cloud": cloud or "unknown"}
+        self.info.info(self._info)
         self.max_exe_labels = max_exe_labels
         self._exes: set[str] = set()
         for provider in PROVIDERS:
@@ -86,6 +87,11 @@ class MetricsSink:
         for kind in ("payload_truncated", "log_write", "flow_table_full"):
             self.dropped.labels(kind)
         self._server = None
+
+    def set_backend(self, backend: str) -> None:
+        """The backend `auto` chose, once it is known."""
+        self._info["backend"] = backend
+        self.info.info(self._info)
 
     def serve(self, addr: str) -> None:
         host, _, port = addr.rpartition(":")
