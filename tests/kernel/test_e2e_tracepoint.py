@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.conftest import skip_or_fail
+from tests.lab.clients import KEEPALIVE_CLIENT
 
 AWS_IP = "169.254.169.254"
 ALIYUN_IP = "100.100.100.200"
@@ -371,34 +372,9 @@ def test_metrics_match_the_log(agent, lab):
     assert "imds_tracer_lost_events_total" in text
 
 
-KEEPALIVE = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 80))
-f = s.makefile("rb")
-def get(path):
-    # reads the whole response (headers, then Content-Length bytes): the next request starts
-    # on a clean stream
-    s.sendall(("GET %s HTTP/1.1\r\nHost: k\r\n\r\n" % path).encode())
-    length = 0
-    while True:
-        line = f.readline()
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-        if line in (b"\r\n", b""):
-            break
-    f.read(length)
-get("/latest/meta-data/instance-id")
-print("first", flush=True)
-sys.stdin.readline()
-get("/latest/meta-data/ami-id")
-get("/latest/meta-data/hostname")
-print("done", flush=True)
-"""
-
-
 @pytest.mark.parametrize("ip", [AWS_IP, AWS_IP6])
 def test_agent_started_after_the_connection_opened(lab, tmp_path, ip):
-    client = lab.popen([PYTHON, "-c", KEEPALIVE, ip], stdin=subprocess.PIPE,
+    client = lab.popen([PYTHON, "-c", KEEPALIVE_CLIENT, ip], stdin=subprocess.PIPE,
                        stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "first"

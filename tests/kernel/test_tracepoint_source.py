@@ -13,6 +13,7 @@ import pytest
 from imds_tracer.config import Config
 from imds_tracer.model import Direction
 from tests.kernel.conftest import Recorder
+from tests.lab.clients import KEEPALIVE_CLIENT
 
 AWS_IP = "169.254.169.254"
 ALIYUN_IP = "100.100.100.200"
@@ -189,31 +190,6 @@ def test_payload_limit_counts_lost_bytes(lab):
     req = requests_of(rec, proc.pid)[0]
     assert len(req.data) == 256 and req.lost > 800
     assert any(kind == "payload_truncated" for kind, _n, _d in rec.drops)
-
-
-KEEPALIVE_CLIENT = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 80))
-f = s.makefile("rb")
-def get(path):
-    # reads the whole response (headers, then Content-Length bytes): the next request starts
-    # on a clean stream
-    s.sendall(("GET %s HTTP/1.1\r\nHost: k\r\n\r\n" % path).encode())
-    length = 0
-    while True:
-        line = f.readline()
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-        if line in (b"\r\n", b""):
-            break
-    f.read(length)
-get("/latest/meta-data/instance-id")
-print("first", flush=True)
-sys.stdin.readline()
-get("/latest/meta-data/ami-id")
-get("/latest/meta-data/hostname")
-print("done", flush=True)
-"""
 
 
 def test_adopts_connection_opened_before_start(lab):
