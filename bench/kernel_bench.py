@@ -1,0 +1,386 @@
+"""The live agent's cost and limits (`imds-tracer run --backend tracepoint`, root + BPF):
+
+- overhead: unrelated write/send-heavy workloads on loopback, with vs. without the agent,
+  interleaved rounds, best of each: (a) a Python TCP client sending 64-byte messages to a
+  local server, (b) `dd bs=512` to /dev/null (pure syscalls: the worst case for any
+  syscall-tracepoint tool);
+- latency: sequential requests (new connection each, like curl) to the fake IMDS in a lab
+  namespace, with vs. without the agent: p50/p99 per request and what the agent adds;
+- capacity: (1) N concurrent clients as fast as they go against the fake IMDS: rate and the
+  share logged; (2) open-loop steps of rising request rates (connect, send, close) to a
+  draining listener in the namespace: the highest rate at which 100% is logged, and above it
+  what was lost and whether it was counted (imds_tracer_lost_events_total);
+- start-up: seconds from exec to the `ready` line; RSS idle after --idle seconds and after a
+  flood.
+
+Prints one JSON object. Traffic goes only to loopback and to the lab namespace, which is
+removed afterwards; only processes this script started are stopped.
+
+    sudo .venv/bin/python bench/kernel_bench.py [--idle 60] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
+AWS_IP = "169.254.169.254"
+DRAIN_PORT = 8080
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    def __init__(self, tmp: Path, config: str = ""):
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        self.json = tmp / "requests.jsonl"
+        self.port = free_port()
+        cfg = tmp / "config.toml"
+        cfg.write_text(f"[capture]\nports = [80, {DRAIN_PORT}]\n{config}")
+        self.argv = [PYTHON, "-m", "imds_tracer", "run", "--backend", "tracepoint",
+                     "--config", str(cfg), "--log-dir", str(tmp / "logs"),
+                     "--json", str(self.json), "--metrics-addr", f"127.0.0.1:{self.port}",
+                     "--quiet"]
+        self.proc = None
+        self.ready_seconds = None
+
+    def __enter__(self):
+        err = open(self.tmp / "agent.stderr", "w+")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, stderr=err, stdout=subprocess.DEVNULL)
+        while time.monotonic() - started < 120:
+            if re.search(r"^ready backend=", (self.tmp / "agent.stderr").read_text(), re.M):
+                self.ready_seconds = time.monotonic() - started
+                time.sleep(0.5)
+                return self
+            if self.proc.poll() is not None:
+                raise SystemExit("agent failed: " + (self.tmp / "agent.stderr").read_text())
+            time.sleep(0.02)
+        raise SystemExit("agent not ready in 120 s")
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def rss_mib(self) -> float:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return round(int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024, 1)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + \
+            r" ([0-9.e+-]+)$"
+        match = re.search(pattern, text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    def count(self, marker: str) -> int:
+        if not self.json.exists():
+            return 0
+        with open(self.json, encoding="utf-8", errors="replace") as fh:
+            return sum(1 for line in fh if marker in line)
+
+
+# -- workloads -----------------------------------------------------------------------------
+TCP_WORKLOAD = """
+import socket, sys, threading, time
+n = int(sys.argv[1])
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
+def drain():
+    c, _ = srv.accept()
+    while c.recv(1 << 20):
+        pass
+t = threading.Thread(target=drain); t.start()
+s = socket.create_connection(srv.getsockname())
+msg = b"x" * 64
+start = time.perf_counter()
+for _ in range(n):
+    s.send(msg)
+elapsed = time.perf_counter() - start
+s.close(); t.join()
+print(elapsed)
+"""
+
+
+def tcp_workload(n: int) -> float:
+    out = subprocess.run([PYTHON, "-c", TCP_WORKLOAD, str(n)], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout)
+
+
+def dd_workload(n: int) -> float:
+    start = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", "of=/dev/null", "bs=512", f"count={n}"],
+                   capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def overhead(tmp: Path, rounds: int, n_tcp: int, n_dd: int) -> dict:
+    result = {}
+    for name, fn, n in (("python_tcp_send_64B", tcp_workload, n_tcp),
+                        ("dd_write_512B", dd_workload, n_dd)):
+        without, with_agent = [], []
+        fn(n // 10)  # warm caches
+        for _ in range(rounds):
+            without.append(fn(n))
+            with Agent(tmp / f"ov-{name}-{len(with_agent)}"):
+                with_agent.append(fn(n))
+        base, traced = min(without), min(with_agent)
+        result[name] = {"syscalls": n, "without_s": round(base, 3), "with_s": round(traced, 3),
+                        "overhead_pct": round((traced / base - 1) * 100, 2),
+                        "ns_per_syscall_added": round((traced - base) / n * 1e9, 1),
+                        "all_without_s": [round(x, 3) for x in without],
+                        "all_with_s": [round(x, 3) for x in with_agent]}
+    return result
+
+
+LATENCY_CLIENT = """
+import http.client, json, sys, time
+n, marker = int(sys.argv[1]), sys.argv[2]
+times = []
+for i in range(n):
+    t = time.perf_counter()
+    c = http.client.HTTPConnection("169.254.169.254", 80, timeout=5)
+    c.request("GET", f"/latest/meta-data/{marker}/{i}")
+    c.getresponse().read()
+    c.close()
+    times.append(time.perf_counter() - t)
+times.sort()
+print(json.dumps({"p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99)],
+                  "mean": sum(times) / len(times)}))
+"""
+
+
+def latency(lab, tmp: Path, n: int, rounds: int) -> dict:
+    def run(marker):
+        out = lab.run([PYTHON, "-c", LATENCY_CLIENT, str(n), marker], timeout=300, check=True)
+        return json.loads(out.stdout)
+    without, with_agent, logged = [], [], []
+    run("warm")
+    for r in range(rounds):
+        without.append(run(f"lat-off-{r}"))
+        with Agent(tmp / f"lat-{r}") as agent:
+            marker = f"lat-on-{secrets.token_hex(3)}"
+            with_agent.append(run(marker))
+            time.sleep(3)
+            logged.append(agent.count(marker))
+    base = min(without, key=lambda x: x["p50"])
+    traced = min(with_agent, key=lambda x: x["p50"])
+    ms = lambda x: round(x * 1000, 3)  # noqa: E731
+    return {"requests": n, "without_ms": {k: ms(v) for k, v in base.items()},
+            "with_ms": {k: ms(v) for k, v in traced.items()},
+            "added_p50_ms": ms(traced["p50"] - base["p50"]),
+            "added_mean_ms": ms(traced["mean"] - base["mean"]),
+            "logged": logged, "expected_each": n}
+
+
+DRAIN_SERVER = f"""
+import socket, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("{AWS_IP}", {DRAIN_PORT})); srv.listen(4096)
+print("READY", flush=True)
+def drain(c):
+    try:
+        while c.recv(65536):
+            pass
+    finally:
+        c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=drain, args=(c,), daemon=True).start()
+"""
+
+OPEN_LOOP = f"""
+import socket, struct, sys, time
+rate, seconds, marker = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+failed = 0
+req = ("GET /latest/meta-data/%s/%d HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+sent, start = 0, time.perf_counter()
+while True:
+    now = time.perf_counter() - start
+    if now >= seconds:
+        break
+    due = int(now * rate) + 1
+    while sent < due:
+        s = socket.socket()
+        # close with RST: no TIME_WAIT, so thousands of connections a second do not run
+        # out of local ports
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        try:
+            s.connect(("{AWS_IP}", {DRAIN_PORT}))
+            s.sendall((req % (marker, sent)).encode())
+            sent += 1
+        except OSError:
+            failed += 1
+            due -= 1
+        finally:
+            s.close()
+    time.sleep(0.0005)
+print(sent, time.perf_counter() - start, failed)
+"""
+
+CLOSED_LOOP = """
+import http.client, sys, time
+seconds, marker = float(sys.argv[1]), sys.argv[2]
+n, start = 0, time.perf_counter()
+while time.perf_counter() - start < seconds:
+    c = http.client.HTTPConnection("169.254.169.254", 80, timeout=5)
+    c.request("GET", f"/latest/meta-data/{marker}/{n}")
+    c.getresponse().read()
+    c.close()
+    n += 1
+print(n)
+"""
+
+
+def capacity(lab, tmp: Path, clients: int, rates: list[int], seconds: float) -> dict:
+    out = {}
+    with Agent(tmp / "cap") as agent:
+        # (1) closed loop against the fake IMDS
+        marker = "cap-fake-" + secrets.token_hex(3)
+        procs = [lab.popen([PYTHON, "-c", CLOSED_LOOP, str(seconds), f"{marker}-{i}"],
+                           stdout=subprocess.PIPE, text=True) for i in range(clients)]
+        sent = sum(int(p.communicate(timeout=seconds + 60)[0]) for p in procs)
+        time.sleep(4)
+        got = agent.count(marker)
+        out["fake_imds_closed_loop"] = {"clients": clients, "seconds": seconds,
+                                        "requests": sent, "rate_per_s": round(sent / seconds),
+                                        "logged": got,
+                                        "logged_pct": round(100 * got / max(1, sent), 2)}
+        # (2) open loop steps to a draining listener
+        server = lab.popen([PYTHON, "-c", DRAIN_SERVER], stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "READY"
+        steps = []
+        try:
+            for rate in rates:
+                marker = f"cap-{rate}-{secrets.token_hex(3)}"
+                lost_before = agent.metric("imds_tracer_lost_events_total", 'stage="kernel"')
+                per = rate / 2
+                procs = [lab.popen([PYTHON, "-c", OPEN_LOOP, str(per), str(seconds),
+                                    f"{marker}-{i}"], stdout=subprocess.PIPE, text=True)
+                         for i in range(2)]
+                results = [p.communicate(timeout=seconds + 120)[0].split() for p in procs]
+                if not all(results):
+                    steps.append({"target_per_s": rate, "error": "load generator failed"})
+                    break
+                sent = sum(int(r[0]) for r in results)
+                took = max(float(r[1]) for r in results)
+                deadline = time.monotonic() + 30
+                got, last = 0, -1
+                while time.monotonic() < deadline:
+                    got = agent.count(marker)
+                    if got >= sent or got == last:
+                        if got >= sent:
+                            break
+                        time.sleep(3)
+                        if agent.count(marker) == got:
+                            break
+                    last = got
+                    time.sleep(1)
+                lost = agent.metric("imds_tracer_lost_events_total", 'stage="kernel"') - \
+                    lost_before
+                steps.append({"target_per_s": rate, "achieved_per_s": round(sent / took),
+                              "sent": sent, "logged": got,
+                              "logged_pct": round(100 * got / max(1, sent), 2),
+                              "kernel_events_lost_counted": int(lost),
+                              "agent_alive": agent.proc.poll() is None})
+                if got < sent and sent / took < rate * 0.7:
+                    break  # the load generator itself is saturated
+        finally:
+            server.kill()
+            server.wait()
+        full = [s["achieved_per_s"] for s in steps
+                if "error" not in s and s["logged"] >= s["sent"]]
+        out["open_loop_steps"] = steps
+        out["max_rate_fully_logged_per_s"] = max(full) if full else None
+    return out
+
+
+def startup_and_memory(lab, tmp: Path, idle: float) -> dict:
+    with Agent(tmp / "mem") as agent:
+        ready = agent.ready_seconds
+        rss_ready = agent.rss_mib()
+        time.sleep(idle)
+        rss_idle = agent.rss_mib()
+        marker = "mem-flood-" + secrets.token_hex(3)
+        server = lab.popen([PYTHON, "-c", DRAIN_SERVER], stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "READY"
+            procs = [lab.popen([PYTHON, "-c", OPEN_LOOP, "3000", "10", f"{marker}-{i}"],
+                               stdout=subprocess.PIPE, text=True) for i in range(2)]
+            sent = sum(int(p.communicate(timeout=180)[0].split()[0]) for p in procs)
+        finally:
+            server.kill()
+            server.wait()
+        time.sleep(5)
+        rss_flood = agent.rss_mib()
+        return {"ready_seconds": round(ready, 2), "rss_mib_at_ready": rss_ready,
+                "idle_seconds": idle, "rss_mib_idle": rss_idle,
+                "flood_requests": sent, "rss_mib_after_flood": rss_flood,
+                "logged_of_flood": agent.count(marker)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle", type=float, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (smoke run)")
+    parser.add_argument("--only", choices=("overhead", "latency", "capacity", "startup"),
+                        action="append")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print(json.dumps({"bench": "kernel", "skipped": "needs root and BPF"}))
+        return 0
+    from tests.lab import netns
+    only = set(args.only or ("overhead", "latency", "capacity", "startup"))
+    quick = args.quick
+    tmp = Path(tempfile.mkdtemp(prefix="imds-kernel-bench-"))
+    result: dict = {"bench": "kernel", "kernel": os.uname().release,
+                    "cpus": os.cpu_count(), "backend": "tracepoint"}
+    try:
+        if "overhead" in only:
+            result["overhead"] = overhead(tmp, args.rounds, 50_000 if quick else 400_000,
+                                          200_000 if quick else 2_000_000)
+        if only & {"latency", "capacity", "startup"}:
+            with netns.Lab(mode="optional") as lab:
+                if "latency" in only:
+                    result["latency"] = latency(lab, tmp, 100 if quick else 500, args.rounds)
+                if "capacity" in only:
+                    result["capacity"] = capacity(
+                        lab, tmp, clients=8, seconds=3 if quick else 5,
+                        rates=[250, 1000] if quick else [250, 500, 1000, 2000, 4000, 8000])
+                if "startup" in only:
+                    result["startup_memory"] = startup_and_memory(
+                        lab, tmp, 5 if quick else args.idle)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

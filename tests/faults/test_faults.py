@@ -1,0 +1,489 @@
+"""Faults while the agent runs: the log directory removed, the disk full, SIGHUP, SIGTERM, a
+burst beyond the ring buffer, the metrics port taken. The agent must keep running, lose
+nothing silently (imds_tracer_dropped_total / imds_tracer_lost_events_total) and recover.
+
+The live tests run `python -m imds_tracer run --backend tracepoint` with real clients in a
+throw-away network namespace (tests.lab) and need root + BPF: they skip with the reason
+elsewhere and fail instead when IMDS_TRACER_REQUIRE_KERNEL=1. The replay tests exercise the
+same sinks through `imds-tracer replay` and the pipeline API (the tmpfs ones need root).
+
+Other sessions may run metadata clients on this machine at the same time: every request a
+test makes has a unique path, and only those are counted.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from imds_tracer import report
+from imds_tracer.cli import _build
+from imds_tracer.config import Config
+from imds_tracer.sources.replay import PcapReplay
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
+PYTHON = sys.executable
+AWS_IP = "169.254.169.254"
+SILENT_PORT = 8080   # a listener in the lab that reads and never answers
+
+
+def whole_line(line: str) -> bool:
+    """A complete trace-log line: a request the report can parse, or a drop summary."""
+    return bool(report._LINE.match(line) or report._DROP.match(line))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("IMDS_TRACER_REQUIRE_KERNEL") == "1":
+            pytest.fail(f"{what} needs root", pytrace=False)
+        pytest.skip(f"{what} needs root")
+
+
+def need_kernel() -> None:
+    from tests.kernel.conftest import kernel_unavailable, skip_or_fail
+    reason = kernel_unavailable()
+    if reason:
+        skip_or_fail(reason)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A small tmpfs at `path`, unmounted (lazily if still busy) afterwards."""
+    need_root("mounting a tmpfs")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of `directory` until ENOSPC; returns the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            block = b"\0" * size
+            with contextlib.suppress(OSError):
+                while os.write(fd, block):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def request_lines(log_dir: Path) -> list[str]:
+    out = []
+    for path in sorted(log_dir.glob("imds-trace.log*")):
+        out += path.read_text(errors="replace").splitlines()
+    return out
+
+
+# -- live agent ---------------------------------------------------------------------------
+class Agent:
+    """`imds-tracer run` in a subprocess, with its own config, log dir, JSON and metrics."""
+
+    def __init__(self, tmp: Path, log_dir: Path | None = None, config: str = "",
+                 metrics_port: int | None = None):
+        self.tmp = tmp
+        self.log_dir = log_dir or tmp / "logs"
+        self.json = tmp / "requests.jsonl"
+        self.port = metrics_port or free_port()
+        self.config = tmp / "config.toml"
+        self.config.write_text("[capture]\nports = [80, %d]\n%s" % (SILENT_PORT, config))
+        self.argv = [PYTHON, "-m", "imds_tracer", "run", "--backend", "tracepoint",
+                     "--config", str(self.config), "--log-dir", str(self.log_dir),
+                     "--json", str(self.json), "--metrics-addr", f"127.0.0.1:{self.port}",
+                     "--quiet"]
+        self.stderr_path = tmp / "agent.stderr"
+        self.proc: subprocess.Popen | None = None
+        self.ready_seconds = None
+
+    def start(self, timeout: float = 60, expect_ready: bool = True) -> "Agent":
+        started = time.monotonic()
+        self._stderr = open(self.stderr_path, "w+")
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, stderr=self._stderr,
+                                     stdout=subprocess.DEVNULL)
+        while time.monotonic() - started < timeout:
+            text = self.stderr_path.read_text()
+            if re.search(r"^ready backend=\w+ probes=\d+$", text, re.M):
+                self.ready_seconds = time.monotonic() - started
+                return self
+            if self.proc.poll() is not None:
+                if expect_ready:
+                    raise AssertionError(f"agent exited {self.proc.returncode}: {text[-2000:]}")
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError("agent not ready in time: " + self.stderr_path.read_text()[-2000:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        with contextlib.suppress(Exception):
+            self._stderr.close()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def records(self, marker: str) -> list[dict]:
+        if not self.json.exists():
+            return []
+        out = []
+        for line in self.json.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if marker in (record.get("path") or ""):
+                    out.append(record)
+        return out
+
+    def wait_records(self, marker: str, count: int, timeout: float = 15) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.records(marker)
+            if len(got) >= count:
+                return got
+            time.sleep(0.1)
+        return self.records(marker)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + \
+            r" ([0-9.e+-]+)$"
+        match = re.search(pattern, text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture
+def lab():
+    need_kernel()
+    from tests.kernel.conftest import skip_or_fail
+    from tests.lab import netns
+    reason = netns.available()
+    if reason:
+        skip_or_fail(f"lab unavailable: {reason}")
+    with netns.Lab(mode="optional") as the_lab:
+        yield the_lab
+
+
+@pytest.fixture
+def agents(tmp_path):
+    started: list[Agent] = []
+
+    def make(**kw) -> Agent:
+        agent = Agent(tmp_path, **kw)
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        agent.kill()
+
+
+def curl(lab, path: str) -> None:
+    lab.run(["curl", "-s", "-m", "5", "-o", "/dev/null", f"http://{AWS_IP}{path}"],
+            timeout=20)
+
+
+SILENT_SERVER = f"""
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("{AWS_IP}", {SILENT_PORT})); srv.listen(64)
+print("READY", flush=True)
+def drain(conn):
+    while conn.recv(65536):
+        pass
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=drain, args=(conn,), daemon=True).start()
+"""
+
+
+@contextlib.contextmanager
+def silent_server(lab):
+    proc = lab.popen([PYTHON, "-c", SILENT_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def test_log_dir_removed_while_running_is_recreated(lab, agents):
+    agent = agents().start()
+    marker = "fault-rmdir-" + secrets.token_hex(4)
+    curl(lab, f"/latest/meta-data/{marker}/before")
+    assert agent.wait_records(marker, 1)
+    shutil.rmtree(agent.log_dir)
+    curl(lab, f"/latest/meta-data/{marker}/after")
+    assert len(agent.wait_records(marker, 2)) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(
+            f"{marker}/after" in line for line in request_lines(agent.log_dir)):
+        time.sleep(0.1)
+    assert any(f"{marker}/after" in line for line in request_lines(agent.log_dir))
+    assert (agent.log_dir.stat().st_mode & 0o777) == 0o700
+    assert ((agent.log_dir / "imds-trace.log").stat().st_mode & 0o777) == 0o600
+    assert agent.alive()
+    assert agent.stop() == 0
+
+
+def test_disk_full_counts_dropped_lines_and_recovers(lab, agents, tmp_path):
+    with tmpfs(tmp_path / "small", "64k") as small:
+        # a log smaller than the disk: once space returns, other sessions' metadata
+        # traffic (the agent sees the whole machine) cannot fill it up again
+        agent = agents(log_dir=small / "logs",
+                       config="[log]\nmax_bytes = 8192\nbackups = 1\n").start()
+        marker = "fault-full-" + secrets.token_hex(4)
+        curl(lab, f"/latest/meta-data/{marker}/first")
+        assert agent.wait_records(marker, 1)
+        filler = fill(small)
+        # more than the free rest of the log's last page: some lines cannot be written
+        for i in range(30):
+            curl(lab, f"/latest/meta-data/{marker}/full-{i}")
+        assert len(agent.wait_records(marker, 31)) == 31   # JSON lives elsewhere: all seen
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and \
+                agent.metric("imds_tracer_dropped_total", 'kind="log_write"') < 1:
+            time.sleep(0.2)
+        dropped = agent.metric("imds_tracer_dropped_total", 'kind="log_write"')
+        assert dropped >= 1, agent.stderr()[-2000:]
+        assert agent.alive()
+        # space returns: writing resumes, and the loss is summarised in the log itself
+        filler.unlink()
+        deadline = time.monotonic() + 25
+        lines: list[str] = []
+        while time.monotonic() < deadline:
+            curl(lab, f"/latest/meta-data/{marker}/recovered")
+            time.sleep(0.5)
+            lines = request_lines(agent.log_dir)
+            if any(f"{marker}/recovered" in line for line in lines) and \
+                    any("agent dropped" in line and "log_write=" in line for line in lines):
+                break
+        assert any(f"{marker}/recovered" in line for line in lines), lines[-5:]
+        assert any("agent dropped" in line and "log_write=" in line for line in lines)
+        # no half-written line glued to the next one: every line parses
+        for line in lines:
+            assert whole_line(line), line
+        assert agent.stop() == 0
+
+
+def test_sighup_reopens_the_log(lab, agents):
+    agent = agents().start()
+    marker = "fault-hup-" + secrets.token_hex(4)
+    curl(lab, f"/latest/meta-data/{marker}/before")
+    assert agent.wait_records(marker, 1)
+    log = agent.log_dir / "imds-trace.log"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and marker not in log.read_text():
+        time.sleep(0.1)
+    rotated = agent.log_dir / "rotated-by-test.log"
+    log.rename(rotated)                      # what logrotate does before its postrotate HUP
+    agent.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not log.exists():
+        time.sleep(0.05)
+    assert log.exists(), agent.stderr()[-2000:]
+    curl(lab, f"/latest/meta-data/{marker}/after")
+    assert len(agent.wait_records(marker, 2)) == 2
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and f"{marker}/after" not in log.read_text():
+        time.sleep(0.1)
+    assert f"{marker}/after" in log.read_text()
+    assert f"{marker}/after" not in rotated.read_text()
+    assert (log.stat().st_mode & 0o777) == 0o600
+    assert agent.alive()
+    assert agent.stop() == 0
+
+
+def test_sigterm_flushes_pending_requests_and_exits_zero(lab, agents):
+    # a long response wait: the request is still pending (no answer yet) when SIGTERM comes
+    agent = agents(config="[flows]\nresponse_wait = 30.0\n").start()
+    marker = "fault-term-" + secrets.token_hex(4)
+    client = (f"import socket, time; s = socket.create_connection(('{AWS_IP}', {SILENT_PORT}));"
+              f"s.sendall(b'GET /latest/meta-data/{marker} HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n');"
+              "print('SENT', flush=True); time.sleep(30)")
+    with silent_server(lab):
+        proc = lab.popen([PYTHON, "-c", client], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "SENT"
+        time.sleep(1.0)                      # the agent has read it; no response will come
+        assert agent.records(marker) == []   # still waiting for the status
+        started = time.monotonic()
+        assert agent.stop() == 0, agent.stderr()[-2000:]
+        took = time.monotonic() - started
+        proc.kill()
+        proc.wait(5)
+    records = agent.records(marker)
+    assert len(records) == 1, agent.stderr()[-2000:]
+    assert records[0]["status"] is None and records[0]["mode"] == "normal"
+    assert any(marker in line for line in request_lines(agent.log_dir))
+    assert took < 10
+
+
+def test_burst_beyond_the_ring_buffer_is_counted_and_survived(lab, agents):
+    # the smallest ring buffer the config allows, then ~100 MB of sends as fast as possible
+    agent = agents(config="perf_pages = 8\n").start()
+    flood = (f"import socket; s = socket.create_connection(('{AWS_IP}', {SILENT_PORT}));"
+             "req = b'GET /latest/meta-data/flood HTTP/1.1\\r\\nX-Pad: ' + b'a' * 3000 "
+             "+ b'\\r\\n\\r\\n'\n"
+             "for _ in range(30000):\n    s.sendall(req)\n"
+             "s.close(); print('DONE', flush=True)")
+    with silent_server(lab):
+        proc = lab.popen([PYTHON, "-c", flood], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "DONE"
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        lost = 0.0
+        while time.monotonic() < deadline:
+            lost = agent.metric("imds_tracer_lost_events_total", 'stage="kernel"')
+            if lost > 0:
+                break
+            time.sleep(0.5)
+    assert lost > 0, agent.stderr()[-2000:]
+    assert agent.alive()
+    # still working after the flood
+    marker = "fault-burst-" + secrets.token_hex(4)
+    time.sleep(2)
+    curl(lab, f"/latest/meta-data/{marker}")
+    assert len(agent.wait_records(marker, 1, timeout=30)) == 1
+    # the loss is also in the trace log, where operators look
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not any(
+            "agent dropped" in line and "kernel_lost=" in line
+            for line in request_lines(agent.log_dir)):
+        time.sleep(0.5)
+    assert any("agent dropped" in line and "kernel_lost=" in line
+               for line in request_lines(agent.log_dir))
+    assert agent.stop() == 0
+
+
+def test_metrics_port_taken_is_a_one_line_error_at_start(agents):
+    need_kernel()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        agent = agents(metrics_port=taken.getsockname()[1])
+        agent.start(expect_ready=False)
+        code = agent.proc.wait(60)
+    stderr = agent.stderr()
+    assert code != 0
+    assert "ready backend=" not in stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("imds-tracer: error:")]
+    assert len(errors) == 1 and "metrics" in errors[0], stderr
+
+
+# -- the same faults through replay ---------------------------------------------------------
+def _replay(config: Config, pcaps, pipeline=None):
+    if pipeline is None:
+        pipeline, metrics = _build(config, backend="replay", console=False, metrics_addr=None,
+                                   enricher=None)
+    replay = PcapReplay(config.addresses, config.ports, progress=False)
+    for pcap in pcaps:
+        replay.replay(str(pcap), pipeline)
+    pipeline.flush(time.time())
+    return pipeline
+
+
+def _dropped_log_writes(pipeline) -> float:
+    metrics = pipeline.sinks[0]
+    return metrics.registry.get_sample_value("imds_tracer_dropped_total", {"kind": "log_write"})
+
+
+def test_replay_metrics_port_taken_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([PYTHON, "-m", "imds_tracer", "replay", str(DATA / "aws.pcap"),
+                               "--log-dir", "/tmp/unused-imds-fault-logs",
+                               "--metrics-addr", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imds-tracer: error: metrics"), proc.stderr
+    assert not os.path.exists("/tmp/unused-imds-fault-logs/imds-trace.log")
+
+
+def test_replay_log_dir_removed_between_files_is_recreated(tmp_path):
+    config = Config(log_dir=str(tmp_path / "logs"), metrics_addr=None, console=False)
+    pipeline, _metrics = _build(config, backend="replay", console=False, metrics_addr=None,
+                                enricher=None)
+    _replay(config, [DATA / "aws.pcap"], pipeline)
+    before = len(request_lines(tmp_path / "logs"))
+    assert before > 0
+    shutil.rmtree(tmp_path / "logs")
+    _replay(config, [DATA / "aliyun.pcap"], pipeline)
+    pipeline.close()
+    assert len(request_lines(tmp_path / "logs")) > 0
+    assert (os.stat(tmp_path / "logs").st_mode & 0o777) == 0o700
+    assert _dropped_log_writes(pipeline) == 0
+
+
+def test_replay_into_a_full_disk_counts_and_recovers(tmp_path):
+    with tmpfs(tmp_path / "small", "64k") as small:
+        config = Config(log_dir=str(small / "logs"), metrics_addr=None, console=False)
+        pipeline, _metrics = _build(config, backend="replay", console=False,
+                                    metrics_addr=None, enricher=None)
+        # some lines first: the log's last page is partly used, so the disk fills up in the
+        # middle of a line (a short write), not only between lines
+        _replay(config, [DATA / "aws.pcap"], pipeline)
+        before = pipeline.requests
+        filler = fill(small)
+        _replay(config, [DATA / "aws.pcap", DATA / "aliyun.pcap"], pipeline)
+        assert pipeline.requests > before
+        assert _dropped_log_writes(pipeline) >= 1
+        assert pipeline.drop_totals["log_write"] >= 1
+        filler.unlink()
+        _replay(config, [DATA / "azure_gcp.pcap"], pipeline)
+        pipeline.flush(time.time() + 60)
+        pipeline.close()
+        lines = request_lines(small / "logs")
+        assert any("azure" in line for line in lines)
+        assert any("agent dropped" in line and "log_write=" in line for line in lines)
+        # no half-written line glued to the next one: every line is whole
+        for line in lines:
+            assert whole_line(line), line
