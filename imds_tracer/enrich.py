@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections import OrderedDict
 
 from .model import Container, ProcessInfo, ProcessSnapshot
 
 CACHE_SIZE = 4096
+# A process seen within this many seconds is not read from /proc again: a busy client and
+# its shell are read once a second, not once a request. (A pid reused within that second by
+# a program with the same comm is the only thing that could be misnamed.)
+RECENT_TTL = 1.0
 
 # cgroup path patterns of the container runtimes, most specific first.
 _CONTAINER_PATTERNS = (
@@ -70,6 +75,8 @@ class Enricher:
         self.proc = proc
         self._cache: OrderedDict = OrderedDict()   # (pid, starttime) -> (ProcessInfo, ppid)
         self._cgroup_paths: dict[int, str] = {}    # cgroup id (inode) -> path
+        self._recent: dict[int, tuple] = {}        # pid -> (expires, _live result)
+        self._containers: dict[int, Container | None] = {}  # cgroup id -> container
         self._cgroup_root = _cgroup2_mount(proc)
 
     # -- /proc readers (None when the process is gone or unreadable) --------------------
@@ -113,6 +120,18 @@ class Enricher:
 
     def _live(self, pid: int) -> tuple[ProcessInfo, int] | None:
         """A live process, cached by (pid, start time) so pid reuse is not confused."""
+        now = time.monotonic()
+        recent = self._recent.get(pid)
+        if recent is not None and recent[0] > now:
+            return recent[1]
+        result = self._read_live(pid)
+        if result is not None:
+            if len(self._recent) >= CACHE_SIZE:
+                self._recent.clear()
+            self._recent[pid] = (now + RECENT_TTL, result)
+        return result
+
+    def _read_live(self, pid: int) -> tuple[ProcessInfo, int] | None:
         stat = self._stat(pid)
         if stat is None:
             return None
@@ -162,6 +181,19 @@ class Enricher:
         return tuple(chain)
 
     def _container(self, snap: ProcessSnapshot) -> Container | None:
+        """By the kernel's cgroup id when there is one (it names the cgroup at send time and
+        never changes meaning), read once; else from /proc/PID/cgroup."""
+        cgroup_id = snap.cgroup_id
+        if cgroup_id is not None and cgroup_id in self._containers:
+            return self._containers[cgroup_id]
+        container = self._read_container(snap)
+        if cgroup_id is not None:
+            if len(self._containers) >= CACHE_SIZE:
+                self._containers.clear()
+            self._containers[cgroup_id] = container
+        return container
+
+    def _read_container(self, snap: ProcessSnapshot) -> Container | None:
         path = self._cgroup_of_pid(snap.pid)
         if path is None and snap.cgroup_id and snap.cgroup_id > 1:
             path = self._cgroup_by_id(snap.cgroup_id)

@@ -50,6 +50,7 @@ class Pipeline:
         self.drop_totals: Counter = Counter()
         self._unreported: Counter = Counter()
         self._last_drop_report = 0.0
+        self._safe: dict[ProcessInfo, ProcessInfo] = {}  # escaping, once per process seen
 
     # -- what sources call ------------------------------------------------------------
     def feed(self, chunk: Chunk) -> None:
@@ -90,6 +91,16 @@ class Pipeline:
             sink.reopen()
 
     # -- internals ---------------------------------------------------------------------
+    def _safe_process(self, info: ProcessInfo | None) -> ProcessInfo | None:
+        if info is None:
+            return None
+        safe = self._safe.get(info)
+        if safe is None:
+            if len(self._safe) >= 4096:
+                self._safe.clear()
+            safe = self._safe[info] = _safe_process(info)
+        return safe
+
     def _report_drops(self, now: float) -> None:
         counts = dict(self._unreported)
         self._unreported.clear()
@@ -129,8 +140,8 @@ class Pipeline:
             version=escape(head.version) if head else None,
             headers=headers, dst_ip=exchange.dst_ip, dst_port=exchange.dst_port,
             status=exchange.status, source=exchange.source,
-            process=_safe_process(process),
-            parents=tuple(_safe_process(p) for p in parents),
+            process=self._safe_process(process),
+            parents=tuple(self._safe_process(p) for p in parents),
             uid=snap.uid if snap else None, cgroup_id=snap.cgroup_id if snap else None,
             container=container, note=verdict.note, truncated=exchange.truncated,
             raw_excerpt=redact_raw(exchange.raw) if head is None else None)
