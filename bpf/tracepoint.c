@@ -46,6 +46,28 @@ BPF_TABLE("lru_hash", __u32, __u64, tgid_epoch, 16384);
 BPF_HASH(connect_pending, __u64, struct connect_args, 4096);
 BPF_HASH(io_pending, __u64, struct io_args, 4096);
 
+/* The first test on the hot path. Every write/read/close on the machine runs these programs,
+ * nearly all of them for processes that never talked to a metadata address. A slot here is set
+ * when a process whose tgid maps to it gets a metadata connection (connect or the start-up
+ * scan) and is never cleared: a false positive only costs the hash lookups that follow, while
+ * an array lookup is inlined by the JIT and the hash lookups are not. */
+#define IMDS_TGID_SLOTS 65536
+BPF_ARRAY(maybe_tracked, __u8, IMDS_TGID_SLOTS);
+
+static __always_inline int tgid_maybe_tracked(__u32 tgid)
+{
+    __u32 slot = tgid & (IMDS_TGID_SLOTS - 1);
+    __u8 *flag = maybe_tracked.lookup(&slot);
+    return flag && *flag;
+}
+
+static __always_inline void mark_tgid_tracked(__u32 tgid)
+{
+    __u32 slot = tgid & (IMDS_TGID_SLOTS - 1);
+    __u8 one = 1;
+    maybe_tracked.update(&slot, &one);
+}
+
 static __always_inline __u64 fd_key(__u32 tgid, __u32 fd)
 {
     return ((__u64)tgid << 32) | fd;
@@ -62,6 +84,8 @@ static __always_inline __u64 new_conn_id(void)
 static __always_inline struct conn_val *tracked(__u32 fd)
 {
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!tgid_maybe_tracked(tgid))
+        return 0;
     __u64 key = fd_key(tgid, fd);
     struct conn_val *c = conns.lookup(&key);
     if (!c)
@@ -180,6 +204,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     connect_pending.delete(&id);
     __u64 key = fd_key(tgid, fd);
     conns.update(&key, &c);
+    mark_tgid_tracked(tgid);
 
     struct imds_buf *b = imds_scratch();
     if (!b)
@@ -221,6 +246,8 @@ static __always_inline int msg_enter(__u32 fd, const void *msg)
 static __always_inline int io_exit(void *ctx, long ret, __u16 kind)
 {
     __u64 id = bpf_get_current_pid_tgid();
+    if (!tgid_maybe_tracked(id >> 32))
+        return 0;  /* io_enter saves only for tracked fds, whose slot is set */
     struct io_args *ap = io_pending.lookup(&id);
     if (!ap)
         return 0;

@@ -129,6 +129,8 @@ class TracepointSource(KernelSource):
     def adopt_existing(self) -> int:
         conns = self.bpf[b"conns"]
         epochs = self.bpf[b"tgid_epoch"]
+        maybe = self.bpf[b"maybe_tracked"]
+        slots = len(maybe)
         count = 0
         for tgid, fd, ip, port in scan_connected(self.config.addresses, self.config.ports):
             key = conns.Key((tgid << 32) | fd)
@@ -151,6 +153,7 @@ class TracepointSource(KernelSource):
             leaf.dport = port
             ctypes.memmove(ctypes.addressof(leaf.daddr), addr_key_bytes(ip), 16)
             conns[key] = leaf
+            maybe[maybe.Key(tgid % slots)] = maybe.Leaf(1)  # the kernel's fast test
             count += 1
         return count
 
