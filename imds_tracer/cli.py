@@ -123,7 +123,8 @@ def _build(config: Config, *, backend: str, console: bool, metrics_addr: str | N
         sinks.append(TraceLogSink(config.log_dir, config.log_max_bytes, config.log_backups,
                                   on_failure=failed))
         if config.json:
-            sinks.append(JsonLinesSink(config.json, on_failure=failed))
+            sinks.append(JsonLinesSink(config.json, config.json_max_bytes,
+                                       config.json_backups, on_failure=failed))
     except OSError as exc:
         metrics.close()
         where = exc.filename or config.log_dir

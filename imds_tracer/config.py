@@ -43,6 +43,8 @@ class Config:
     log_max_bytes: int = 1024 * 1024
     log_backups: int = 5
     json: str | None = None          # a file, "-" for stdout, None for off
+    json_max_bytes: int = 16 * 1024 * 1024
+    json_backups: int = 5
     console: bool = True             # one line per request on stderr (off with --quiet)
     # [metrics]
     metrics_addr: str | None = DEFAULT_METRICS_ADDR   # None: no HTTP endpoint
@@ -144,6 +146,8 @@ SCHEMA = {
         "max_bytes": ("log_max_bytes", _positive_int(4096, 1 << 40)),
         "backups": ("log_backups", _positive_int(0, 1000)),
         "json": ("json", _optional_path),
+        "json_max_bytes": ("json_max_bytes", _positive_int(4096, 1 << 40)),
+        "json_backups": ("json_backups", _positive_int(0, 1000)),
         "console": ("console", _bool),
     },
     "metrics": {

@@ -7,6 +7,7 @@ import sys
 from datetime import datetime, timezone
 
 from ..model import ProcessInfo, RequestRecord
+from .files import RotatingFile
 
 
 def _proc(info: ProcessInfo) -> dict:
@@ -48,51 +49,44 @@ def to_dict(record: RequestRecord) -> dict:
 
 
 class JsonLinesSink:
-    """To a file (appended, 0600) or to stdout with "-"."""
+    """To stdout with "-", else to a file rotated like the trace log (0600, whole lines)."""
 
-    def __init__(self, target: str, on_failure=None):
+    def __init__(self, target: str, max_bytes: int = 1024 * 1024, backups: int = 5,
+                 on_failure=None):
         self.target = target
         self.on_failure = on_failure
-        self._fh = None
-        self._open()
-
-    def _open(self) -> None:
-        if self.target == "-":
-            self._fh = sys.stdout
-            return
-        directory = os.path.dirname(os.path.abspath(self.target))
-        os.makedirs(directory, exist_ok=True)
-        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._fh = os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+        self.file = None
+        if target != "-":
+            path = os.path.abspath(target)
+            self.file = RotatingFile(os.path.dirname(path), os.path.basename(path), max_bytes,
+                                     backups, private_dir=False)
 
     def emit(self, record: RequestRecord) -> None:
-        try:
-            self._fh.write(json.dumps(to_dict(record), separators=(",", ":")) + "\n")
-            if self._fh is sys.stdout:
-                self._fh.flush()
-        except (OSError, ValueError):
-            if self.on_failure is not None:
-                self.on_failure(1)
+        line = json.dumps(to_dict(record), separators=(",", ":"))
+        if self.file is not None:
+            ok = self.file.write(line)
+        else:
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+                ok = True
+            except (OSError, ValueError):
+                ok = False
+        if not ok and self.on_failure is not None:
+            self.on_failure(1)
 
     def drops(self, counts: dict[str, int], ts: float) -> None:
         pass  # counted in metrics and summarised in the trace log
 
     def reopen(self) -> None:
-        if self.target != "-":
-            self.close()
-            try:
-                self._open()
-            except OSError:
-                pass
+        if self.file is not None:
+            self.file.reopen()
 
     def close(self) -> None:
-        if self._fh is not None and self._fh is not sys.stdout:
-            try:
-                self._fh.close()
-            except OSError:
-                pass
-        elif self._fh is sys.stdout:
-            try:
-                sys.stdout.flush()
-            except (OSError, ValueError):
-                pass
+        if self.file is not None:
+            self.file.close()
+            return
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(LOGROTATE),
 WRITER = r"""
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[2])
-from imds_tracer.sinks.tracelog import RotatingFile
+from imds_tracer.sinks.files import RotatingFile
 out = RotatingFile(sys.argv[1], "imds-trace.log", max_bytes=1 << 30, backups=5)
 state = {"hup": 0}
 def on_hup(signum, frame):

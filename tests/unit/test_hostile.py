@@ -27,7 +27,7 @@ from imds_tracer.config import Config
 from imds_tracer.enrich import Enricher
 from imds_tracer.http import MAX_HEAD
 from imds_tracer.model import Chunk, Direction, ProcessSnapshot
-from imds_tracer.redact import delimit
+from imds_tracer.sinks.tracelog import _field
 from imds_tracer.sinks.console import ConsoleSink
 
 AWS, ALIYUN = "169.254.169.254", "100.100.100.200"
@@ -208,7 +208,7 @@ def test_level_and_process_fields_cannot_be_forged(outputs):
         assert match.group("container") == "-"
         if record["argv"]:
             # the argv field ends where the agent ended it: ")" inside argv is escaped
-            assert match.group("argv") == " ".join(delimit(a, ")") for a in record["argv"])
+            assert match.group("argv") == " ".join(_field(a, ")") for a in record["argv"])
         # the level field is the second bracket group, right after the time
         assert re.match(rb"^\[[^\]]*\] \[(INFO|WARNING|ERROR)\] ", line)
     levels = [r["level"] for r in records]

@@ -3,7 +3,8 @@ import stat
 
 from imds_tracer.model import Container, ProcessInfo, RequestRecord
 from imds_tracer.report import _LINE
-from imds_tracer.sinks.tracelog import RotatingFile, TraceLogSink, format_line
+from imds_tracer.sinks.files import RotatingFile
+from imds_tracer.sinks.tracelog import TraceLogSink, format_line
 
 
 def record(**kw):
@@ -81,3 +82,30 @@ def test_failed_writes_are_counted(tmp_path):
     sink.emit(record())     # reopens the real file and recovers
     assert lost == [1]
     assert (tmp_path / "imds-trace.log").read_text().count("\n") == 1
+
+
+def test_plain_grep_warning_finds_only_normal_mode_lines():
+    # SPEC: operators run `cat imds-trace.* | grep WARNING`; a process must not get its
+    # hardened-mode request listed by writing the word into its path or argv
+    sneaky = record(level="INFO", mode="hardened", path="/latest/WARNING",
+                    process=ProcessInfo(9, "WARNING", ("x", "[WARNING]")), parents=())
+    line = format_line(sneaky)
+    assert "WARNING" not in line and "/latest/WARN\\x49NG" in line
+    assert "WARNING" in format_line(record())
+
+
+def test_json_file_is_rotated_and_private(tmp_path):
+    from imds_tracer.sinks.jsonl import JsonLinesSink
+    shared = tmp_path / "sub"
+    shared.mkdir(mode=0o755)
+    out = shared / "requests.jsonl"
+    sink = JsonLinesSink(str(out), max_bytes=4096, backups=1)
+    for _ in range(40):
+        sink.emit(record())
+    sink.close()
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    assert (tmp_path / "sub" / "requests.jsonl.1").exists()
+    assert all(line.startswith("{") and line.endswith("}")
+               for line in out.read_text().splitlines())
+    # a --json file in a shared directory leaves that directory's mode alone
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o755
