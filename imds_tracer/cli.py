@@ -187,9 +187,26 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def _can_load_bpf() -> bool:
+    """Root, or the capabilities BCC needs (CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN)."""
+    try:
+        with open("/proc/self/status") as fh:
+            caps = next(int(line.split()[1], 16) for line in fh if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return os.geteuid() == 0
+    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
 def cmd_run(args) -> int:
     from .sources.kernel import open_source
 
+    if not _can_load_bpf():
+        raise SourceError("imds-tracer run needs root, or CAP_BPF and CAP_PERFMON "
+                          "(this process has neither); see 'imds-tracer doctor'")
     config = _config(args)
     # outputs first: a taken metrics port or an unwritable log dir fails before the
     # seconds BCC takes to compile
@@ -265,6 +282,17 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_OK
+    except PermissionError as exc:
+        print(f"imds-tracer: error: permission denied: {exc.filename or exc} (run as root, "
+              "or with CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH; "
+              "see 'imds-tracer doctor')", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
+        if os.environ.get("IMDS_TRACER_DEBUG"):
+            raise
+        print(f"imds-tracer: error: {type(exc).__name__}: {exc} "
+              "(IMDS_TRACER_DEBUG=1 shows where)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

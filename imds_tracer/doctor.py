@@ -77,7 +77,7 @@ def check_bpf_syscall() -> Check:
 
 
 def check_tracefs() -> Check:
-    if (TRACEFS / "events").is_dir():
+    if os.path.isdir(TRACEFS / "events"):
         return Check("tracefs", True, f"mounted at {TRACEFS}")
     return Check("tracefs", False, f"{TRACEFS}/events missing",
                  f"mount -t tracefs tracefs {TRACEFS}")
@@ -85,7 +85,7 @@ def check_tracefs() -> Check:
 
 def check_syscall_tracepoints() -> Check:
     missing = [f"sys_enter_{n}" for n in SYSCALL_TRACEPOINTS
-               if not (TRACEFS / "events" / "syscalls" / f"sys_enter_{n}").exists()]
+               if not os.path.exists(TRACEFS / "events" / "syscalls" / f"sys_enter_{n}")]
     if not missing:
         return Check("syscall tracepoints", True, f"present ({len(SYSCALL_TRACEPOINTS)} checked)")
     return Check("syscall tracepoints", False, "missing: " + ", ".join(missing[:4]),
@@ -94,8 +94,8 @@ def check_syscall_tracepoints() -> Check:
 
 def check_kprobes() -> Check:
     config = kernel_config("CONFIG_KPROBES")
-    events = (TRACEFS / "kprobe_events").exists()
-    pmu = Path("/sys/bus/event_source/devices/kprobe").exists()
+    events = os.path.exists(TRACEFS / "kprobe_events")
+    pmu = os.path.exists("/sys/bus/event_source/devices/kprobe")
     if events or pmu:
         return Check("kprobes", True, f"available (CONFIG_KPROBES={config or '?'})",
                      required=False)
@@ -122,7 +122,7 @@ def headers_release(build: Path) -> str | None:
 def check_headers() -> Check:
     release = platform.release()
     build = Path("/lib/modules") / release / "build"
-    if not build.exists():
+    if not os.path.exists(build):
         return Check("kernel headers", False, f"none at {build}",
                      f"apt-get install linux-headers-{release} (or the distro's generic headers "
                      "linked there: `make deps` does it)")
@@ -137,7 +137,7 @@ def check_headers() -> Check:
 
 
 def check_btf() -> Check:
-    if not BTF.exists():
+    if not os.path.exists(BTF):
         return Check("BTF", False, f"no {BTF}",
                      "kprobe backend needs CONFIG_DEBUG_INFO_BTF for struct offsets",
                      required=False)

@@ -182,7 +182,7 @@ def load_bpf(filename: str, cflags: list[str]):
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc.strerror}") from None
     build = Path("/lib/modules") / platform.release() / "build"
-    if not build.exists():
+    if not os.path.exists(build):
         raise SourceError(f"no kernel headers at {build} (BCC needs them to compile "
                           f"{filename}); install linux-headers; see imds-tracer doctor")
     with _captured_stderr() as captured:

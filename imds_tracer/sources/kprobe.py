@@ -8,6 +8,7 @@ back to the tracepoint backend.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .base import SourceError
@@ -51,9 +52,9 @@ class KprobeSource(KernelSource):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if not KPROBE_EVENTS.exists() and not Path("/sys/bus/event_source/devices/kprobe").exists():
+        if not os.path.exists(KPROBE_EVENTS) and not os.path.exists("/sys/bus/event_source/devices/kprobe"):
             return "kernel has no kprobes (CONFIG_KPROBES / CONFIG_KPROBE_EVENTS off)"
-        if not VMLINUX_BTF.exists():
+        if not os.path.exists(VMLINUX_BTF):
             return f"no BTF at {VMLINUX_BTF} (needed for struct offsets; CONFIG_DEBUG_INFO_BTF)"
         if not kernel_symbols(SEND_FUNCTIONS):
             return f"none of {', '.join(SEND_FUNCTIONS)} in /proc/kallsyms"

@@ -103,7 +103,7 @@ class TracepointSource(KernelSource):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        if not (TRACEFS / "events" / "syscalls" / "sys_enter_connect").exists():
+        if not os.path.exists(TRACEFS / "events" / "syscalls" / "sys_enter_connect"):
             return (f"syscall tracepoints not found under {TRACEFS}/events "
                     "(mount tracefs; kernel needs CONFIG_FTRACE_SYSCALLS)")
         return None

@@ -174,3 +174,22 @@ def test_report_lists_offenders_and_gives_the_verdict(tmp_path):
     assert "--since" in one_line_error(imds("report", "--log-dir", str(tmp_path),
                                             "--since", "forever"))
     assert "not found" in one_line_error(imds("report", "--log-dir", str(tmp_path / "none")))
+
+
+def test_run_without_privileges_is_a_one_line_error(tmp_path):
+    if os.geteuid() != 0:
+        proc = imds("run", "--log-dir", str(tmp_path), "--metrics-addr", "")
+    else:  # drop to nobody, as an operator who forgot sudo
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-m", "imds_tracer", "run", "--log-dir",
+                               str(tmp_path / "log"), "--metrics-addr", ""],
+                              capture_output=True, text=True, timeout=60, cwd="/",
+                              env={**os.environ, "PYTHONPATH": str(DATA.parents[1])})
+    assert "needs root" in one_line_error(proc)
+    doctor = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, "-m", "imds_tracer", "doctor"],
+                            capture_output=True, text=True, timeout=120, cwd="/",
+                            env={**os.environ, "PYTHONPATH": str(DATA.parents[1])}) \
+        if os.geteuid() == 0 else imds("doctor")
+    assert "Traceback" not in doctor.stderr + doctor.stdout
+    assert "run as root" in doctor.stdout
