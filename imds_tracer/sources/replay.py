@@ -132,7 +132,7 @@ class PcapReplay:
                               f"({exc})") from None
         finally:
             reader.close()
-            self._show_progress(final=True)
+            self._show_progress(pipeline, final=True)
         if ng:
             cut = cut or not _pcapng_complete(path, size)
         elif not path.endswith(".gz") and consumed != size:
@@ -146,7 +146,7 @@ class PcapReplay:
         stats = self.stats
         stats.packets += 1
         if self.progress and stats.packets % 50000 == 0:
-            self._show_progress()
+            self._show_progress(pipeline)
         where = _ip_payload(linktype, data)
         if where is None:
             return
@@ -229,13 +229,14 @@ class PcapReplay:
         self._conns.pop(conn.key, None)
         pipeline.close_flow(conn.key, ts)
 
-    def _show_progress(self, final: bool = False) -> None:
+    def _show_progress(self, pipeline, final: bool = False) -> None:
         if not self.progress:
             return
         now = time.monotonic()
         rate = self.stats.packets / max(now - self._t0, 1e-6)
-        sys.stderr.write(f"\rreplay: {self.stats.packets} packets, {self.stats.matched} "
-                         f"to metadata addresses, {rate:,.0f} packets/s")
+        sys.stderr.write(f"\rreplay: {self.stats.packets:,} packets, {self.stats.matched:,} "
+                         f"to metadata addresses, {pipeline.requests:,} requests, "
+                         f"{rate:,.0f} packets/s")
         if final:
             sys.stderr.write("\n")
         sys.stderr.flush()

@@ -193,3 +193,11 @@ def test_run_without_privileges_is_a_one_line_error(tmp_path):
         if os.geteuid() == 0 else imds("doctor")
     assert "Traceback" not in doctor.stderr + doctor.stdout
     assert "run as root" in doctor.stdout
+
+
+def test_progress_only_on_a_terminal_or_when_asked(tmp_path):
+    piped = imds("replay", AWS, "--log-dir", str(tmp_path))
+    assert "packets/s" not in piped.stderr
+    asked = imds("replay", AWS, "--log-dir", str(tmp_path), "--progress")
+    assert re.search(r"replay: 144 packets, 144 to metadata addresses, \d+ requests, "
+                     r"[\d,]+ packets/s", asked.stderr)
