@@ -112,7 +112,7 @@ class Pipeline:
         record = self.record(exchange)
         self.requests += 1
         if record.truncated:
-            self.drop("payload_truncated", 1)
+            self.drop("head_truncated", 1)  # a request head not wholly captured
         for sink in self.sinks:
             sink.emit(record)
 

@@ -84,7 +84,7 @@ class MetricsSink:
             self.outcomes.labels(outcome)
         for stage in ("kernel", "user"):
             self.lost.labels(stage)
-        for kind in ("payload_truncated", "log_write", "flow_table_full"):
+        for kind in ("payload_truncated", "head_truncated", "log_write", "flow_table_full"):
             self.dropped.labels(kind)
         self._server = None
 
