@@ -408,8 +408,11 @@ class KernelSource:
         self.stats["events"] += 1
         try:
             self.handle_event(ev, payload)
-        except Exception:  # one bad event must not stop the agent
-            log.exception("kernel event of kind %d could not be handled", ev.kind)
+        except Exception as exc:  # noqa: BLE001 - one bad event must not stop the agent
+            log.error("kernel event of kind %d dropped: %s: %s", ev.kind,
+                      type(exc).__name__, exc)
+            if self._pipeline is not None:
+                self._pipeline.drop("event_error", 1)
 
     def wall_time(self, ts_ns: int) -> float:
         return ts_ns / 1e9 + self._clock_offset
