@@ -21,88 +21,45 @@ removed afterwards; only processes this script started are stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from tests.lab.agent import AgentProcess  # noqa: E402  (needs REPO on sys.path)
+
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else sys.executable
 AWS_IP = "169.254.169.254"
 DRAIN_PORT = 8080
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Agent:
-    def __init__(self, tmp: Path, config: str = ""):
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.tmp = tmp
-        self.json = tmp / "requests.jsonl"
-        self.port = free_port()
-        cfg = tmp / "config.toml"
-        cfg.write_text(f"[capture]\nports = [80, {DRAIN_PORT}]\n{config}")
-        self.argv = [PYTHON, "-m", "imds_tracer", "run", "--backend", "tracepoint",
-                     "--config", str(cfg), "--log-dir", str(tmp / "logs"),
-                     "--json", str(self.json), "--metrics-addr", f"127.0.0.1:{self.port}",
-                     "--quiet"]
-        self.proc = None
-        self.ready_seconds = None
-
-    def __enter__(self):
-        err = open(self.tmp / "agent.stderr", "w+")
-        started = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, stderr=err, stdout=subprocess.DEVNULL)
-        while time.monotonic() - started < 120:
-            if re.search(r"^ready backend=", (self.tmp / "agent.stderr").read_text(), re.M):
-                self.ready_seconds = time.monotonic() - started
-                time.sleep(0.5)
-                return self
-            if self.proc.poll() is not None:
-                raise SystemExit("agent failed: " + (self.tmp / "agent.stderr").read_text())
-            time.sleep(0.02)
-        raise SystemExit("agent not ready in 120 s")
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def rss_mib(self) -> float:
-        text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return round(int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024, 1)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + \
-            r" ([0-9.e+-]+)$"
-        match = re.search(pattern, text, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def count(self, marker: str) -> int:
-        if not self.json.exists():
-            return 0
-        with open(self.json, encoding="utf-8", errors="replace") as fh:
-            return sum(1 for line in fh if marker in line)
+@contextlib.contextmanager
+def running_agent(tmp: Path, config: str = "") -> Iterator[AgentProcess]:
+    """The agent (also capturing DRAIN_PORT) while the block runs: 120 s to get ready (else
+    the bench stops with its stderr), then 0.5 s to settle; SIGTERM afterwards (killed after
+    30 s)."""
+    agent = AgentProcess(tmp, config=f"[capture]\nports = [80, {DRAIN_PORT}]\n{config}",
+                         python=PYTHON)
+    try:
+        agent.start(timeout=120)
+    except AssertionError as exc:
+        raise SystemExit(f"agent failed: {exc}") from None
+    time.sleep(0.5)
+    try:
+        yield agent
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            agent.stop(timeout=30)
 
 
 # -- workloads -----------------------------------------------------------------------------
@@ -147,7 +104,7 @@ def overhead(tmp: Path, rounds: int, n_tcp: int, n_dd: int) -> dict:
         fn(n // 10)  # warm caches
         for _ in range(rounds):
             without.append(fn(n))
-            with Agent(tmp / f"ov-{name}-{len(with_agent)}"):
+            with running_agent(tmp / f"ov-{name}-{len(with_agent)}"):
                 with_agent.append(fn(n))
         base, traced = min(without), min(with_agent)
         result[name] = {"syscalls": n, "without_s": round(base, 3), "with_s": round(traced, 3),
@@ -183,7 +140,7 @@ def latency(lab, tmp: Path, n: int, rounds: int) -> dict:
     run("warm")
     for r in range(rounds):
         without.append(run(f"lat-off-{r}"))
-        with Agent(tmp / f"lat-{r}") as agent:
+        with running_agent(tmp / f"lat-{r}") as agent:
             marker = f"lat-on-{secrets.token_hex(3)}"
             with_agent.append(run(marker))
             time.sleep(3)
@@ -207,6 +164,8 @@ def drain(c):
     try:
         while c.recv(65536):
             pass
+    except OSError:
+        pass  # the load generator closes with RST on purpose
     finally:
         c.close()
 while True:
@@ -259,7 +218,7 @@ print(n)
 
 def capacity(lab, tmp: Path, clients: int, rates: list[int], seconds: float) -> dict:
     out = {}
-    with Agent(tmp / "cap") as agent:
+    with running_agent(tmp / "cap") as agent:
         # (1) closed loop against the fake IMDS
         marker = "cap-fake-" + secrets.token_hex(3)
         procs = [lab.popen([PYTHON, "-c", CLOSED_LOOP, str(seconds), f"{marker}-{i}"],
@@ -321,7 +280,7 @@ def capacity(lab, tmp: Path, clients: int, rates: list[int], seconds: float) -> 
 
 
 def startup_and_memory(lab, tmp: Path, idle: float) -> dict:
-    with Agent(tmp / "mem") as agent:
+    with running_agent(tmp / "mem") as agent:
         ready = agent.ready_seconds
         rss_ready = agent.rss_mib()
         time.sleep(idle)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -24,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,6 +30,7 @@ from imds_tracer import report
 from imds_tracer.cli import _build
 from imds_tracer.config import Config
 from imds_tracer.sources.replay import PcapReplay
+from tests.lab.agent import AgentProcess
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -44,12 +42,6 @@ SILENT_PORT = 8080   # a listener in the lab that reads and never answers
 def whole_line(line: str) -> bool:
     """A complete trace-log line: a request the report can parse, or a drop summary."""
     return bool(report._LINE.match(line) or report._DROP.match(line))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_root(what: str) -> None:
@@ -103,99 +95,6 @@ def request_lines(log_dir: Path) -> list[str]:
 
 
 # -- live agent ---------------------------------------------------------------------------
-class Agent:
-    """`imds-tracer run` in a subprocess, with its own config, log dir, JSON and metrics."""
-
-    def __init__(self, tmp: Path, log_dir: Path | None = None, config: str = "",
-                 metrics_port: int | None = None):
-        self.tmp = tmp
-        self.log_dir = log_dir or tmp / "logs"
-        self.json = tmp / "requests.jsonl"
-        self.port = metrics_port or free_port()
-        self.config = tmp / "config.toml"
-        self.config.write_text("[capture]\nports = [80, %d]\n%s" % (SILENT_PORT, config))
-        self.argv = [PYTHON, "-m", "imds_tracer", "run", "--backend", "tracepoint",
-                     "--config", str(self.config), "--log-dir", str(self.log_dir),
-                     "--json", str(self.json), "--metrics-addr", f"127.0.0.1:{self.port}",
-                     "--quiet"]
-        self.stderr_path = tmp / "agent.stderr"
-        self.proc: subprocess.Popen | None = None
-        self.ready_seconds = None
-
-    def start(self, timeout: float = 60, expect_ready: bool = True) -> "Agent":
-        started = time.monotonic()
-        self._stderr = open(self.stderr_path, "w+")
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, stderr=self._stderr,
-                                     stdout=subprocess.DEVNULL)
-        while time.monotonic() - started < timeout:
-            text = self.stderr_path.read_text()
-            if re.search(r"^ready backend=\w+ probes=\d+$", text, re.M):
-                self.ready_seconds = time.monotonic() - started
-                return self
-            if self.proc.poll() is not None:
-                if expect_ready:
-                    raise AssertionError(f"agent exited {self.proc.returncode}: {text[-2000:]}")
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError("agent not ready in time: " + self.stderr_path.read_text()[-2000:])
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 20) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        with contextlib.suppress(Exception):
-            self._stderr.close()
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def records(self, marker: str) -> list[dict]:
-        if not self.json.exists():
-            return []
-        out = []
-        for line in self.json.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if marker in (record.get("path") or ""):
-                    out.append(record)
-        return out
-
-    def wait_records(self, marker: str, count: int, timeout: float = 15) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.records(marker)
-            if len(got) >= count:
-                return got
-            time.sleep(0.1)
-        return self.records(marker)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
-        pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + \
-            r" ([0-9.e+-]+)$"
-        match = re.search(pattern, text, re.M)
-        return float(match.group(1)) if match else 0.0
-
-
 @pytest.fixture
 def lab():
     need_kernel()
@@ -210,10 +109,13 @@ def lab():
 
 @pytest.fixture
 def agents(tmp_path):
-    started: list[Agent] = []
+    """`agents(log_dir=, config=, metrics_port=)`: an agent (not started) that also captures
+    SILENT_PORT; `config` is TOML text appended to that; all are killed afterwards."""
+    started: list[AgentProcess] = []
 
-    def make(**kw) -> Agent:
-        agent = Agent(tmp_path, **kw)
+    def make(config: str = "", **kw) -> AgentProcess:
+        agent = AgentProcess(tmp_path, config="[capture]\nports = [80, %d]\n%s"
+                             % (SILENT_PORT, config), python=PYTHON, **kw)
         started.append(agent)
         return agent
 
@@ -322,7 +224,7 @@ def test_sighup_reopens_the_log(lab, agents):
         time.sleep(0.1)
     rotated = agent.log_dir / "rotated-by-test.log"
     log.rename(rotated)                      # what logrotate does before its postrotate HUP
-    agent.signal(signal.SIGHUP)
+    agent.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not log.exists():
         time.sleep(0.05)

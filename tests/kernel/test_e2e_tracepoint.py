@@ -8,112 +8,25 @@ execs the client, so Popen.pid is the client's pid), never by counting everythin
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.kernel.conftest import skip_or_fail
+from tests.lab.agent import AgentProcess
 from tests.lab.clients import KEEPALIVE_CLIENT
 
 AWS_IP = "169.254.169.254"
 ALIYUN_IP = "100.100.100.200"
 AWS_IP6 = "fd00:ec2::254"
-REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable   # the venv's python: has bcc (system site) and botocore
 TTL_AWS = "X-aws-ec2-metadata-token-ttl-seconds: 21600"
 TTL_ALI = "X-aliyun-ecs-metadata-token-ttl-seconds: 21600"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Agent:
-    """`imds-tracer run` in a subprocess; JSON lines and metrics readable while it runs."""
-
-    def __init__(self, tmp: Path, backend: str = "tracepoint"):
-        self.tmp = tmp
-        self.json = tmp / "requests.jsonl"
-        self.port = free_port()
-        self.argv = [PYTHON, "-m", "imds_tracer", "run", "--log-dir", str(tmp / "logs"),
-                     "--json", str(self.json), "--metrics-addr", f"127.0.0.1:{self.port}",
-                     "--backend", backend, "--quiet"]
-        self.proc: subprocess.Popen | None = None
-        self.stderr_path = tmp / "agent.stderr"
-        self.ready_line = ""
-        self.ready_seconds = 0.0
-
-    def start(self, timeout: float = 60) -> "Agent":
-        started = time.monotonic()
-        self._stderr = open(self.stderr_path, "w+")
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, stderr=self._stderr,
-                                     stdout=subprocess.DEVNULL)
-        while time.monotonic() - started < timeout:
-            text = self.stderr_path.read_text()
-            match = re.search(r"^ready backend=(\w+) probes=(\d+)$", text, re.M)
-            if match:
-                self.ready_line = match.group(0)
-                self.ready_seconds = time.monotonic() - started
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError(f"agent exited {self.proc.returncode}: {text[-2000:]}")
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError("agent not ready in time: " + self.stderr_path.read_text()[-2000:])
-
-    def rss_kib(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-        finally:
-            self._stderr.close()
-
-    def records(self) -> list[dict]:
-        if not self.json.exists():
-            return []
-        out = []
-        for line in self.json.read_text().splitlines():
-            if line.strip():
-                out.append(json.loads(line))
-        return out
-
-    def records_of(self, pids, count: int, timeout: float = 15) -> list[dict]:
-        """Wait until at least `count` records of these pids exist (then a little more, to
-        catch duplicates) and return them in log order."""
-        pids = set(pids) if not isinstance(pids, int) else {pids}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = [r for r in self.records() if r.get("pid") in pids]
-            if len(got) >= count:
-                time.sleep(0.5)
-                return [r for r in self.records() if r.get("pid") in pids]
-            time.sleep(0.1)
-        return [r for r in self.records() if r.get("pid") in pids]
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            return resp.read().decode()
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +41,11 @@ def lab():
 
 @pytest.fixture(scope="module")
 def agent(lab, tmp_path_factory):
-    the_agent = Agent(tmp_path_factory.mktemp("agent")).start()
+    the_agent = AgentProcess(tmp_path_factory.mktemp("agent")).start()
     try:
         yield the_agent
     finally:
-        assert the_agent.stop() == 0, the_agent.stderr_path.read_text()[-2000:]
+        assert the_agent.stop() == 0, the_agent.stderr()[-2000:]
 
 
 def run_client(lab, argv, cgroup=None, timeout=30) -> int:
@@ -191,8 +104,8 @@ def test_token_never_leaves_the_agent(agent, lab):
     get = run_client(lab, ["curl", "-s", "-H", f"X-aws-ec2-metadata-token: {token}",
                            f"http://{AWS_IP}/latest/meta-data/instance-id"])
     one(agent.records_of(get.pid, 1))
-    assert token not in agent.json.read_text()
-    assert token not in "".join(p.read_text() for p in (agent.tmp / "logs").glob("imds-trace*"))
+    assert token not in agent.json_path.read_text()
+    assert token not in "".join(p.read_text() for p in agent.log_dir.glob("imds-trace*"))
 
 
 def test_aws_problems_and_rejected_token(agent, lab):
@@ -378,7 +291,7 @@ def test_agent_started_after_the_connection_opened(lab, tmp_path, ip):
                        stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "first"
-        late = Agent(tmp_path).start()
+        late = AgentProcess(tmp_path).start()
         try:
             client.stdin.write("go\n")
             client.stdin.flush()

@@ -7,6 +7,10 @@
   loopback holds 169.254.169.254, 100.100.100.200 and fd00:ec2::254, runs the fake server in it,
   runs real clients in it (optionally in a cgroup v2 directory) and captures with tcpdump.
 - `tests.lab.fixtures`: pytest fixtures built on both (import them from a conftest).
+- `tests.lab.agent`: `AgentProcess`, `imds-tracer run` as a subprocess (ready line, JSON
+  lines, metrics scraped over HTTP, SIGTERM stop), shared by the kernel, fault, packaging
+  tests and the kernel benchmark.
+- `tests.lab.clients`: client programs run inside the lab.
 
 Everything here talks only to loopback or to namespaces it created itself.
 """
