@@ -75,6 +75,7 @@ class MetricsSink:
         self.info.info(self._info)
         self.max_exe_labels = max_exe_labels
         self._exes: set[str] = set()
+        self._children: dict = {}
         for provider in PROVIDERS:
             for mode in MODES:
                 self.requests.labels(provider, mode, "GET")
@@ -131,15 +132,24 @@ class MetricsSink:
         provider = record.provider if record.provider in PROVIDERS else "unknown"
         method = record.method if record.method in METHODS else \
             (OTHER if record.method else "none")
-        self.requests.labels(provider, record.mode, method).inc()
+        self._child(self.requests, provider, record.mode, method).inc()
         for problem in record.problems:
-            self.problems.labels(problem if problem in PROBLEMS else OTHER).inc()
+            self._child(self.problems, problem if problem in PROBLEMS else OTHER).inc()
         if record.method is None:
             self.unparsed.inc()
         if record.mode == "normal" and record.level == "WARNING":
-            self.normal.labels(self._executable(record), provider).inc()
-            self.outcomes.labels(_outcome(record.status)).inc()
+            self._child(self.normal, self._executable(record), provider).inc()
+            self._child(self.outcomes, _outcome(record.status)).inc()
             self.last_normal.set(record.time)
+
+    def _child(self, metric, *labels):
+        """metric.labels(*labels), remembered: labels() validates and locks on every call,
+        which cost more than the rest of emit(). The label sets are bounded (capped above)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def count_drop(self, kind: str, count: int) -> None:
         if kind == "kernel_lost":
