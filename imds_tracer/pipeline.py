@@ -7,6 +7,7 @@ and passed to every sink: metrics count them at once, the trace log summarises t
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Hashable, Iterable, Protocol
 
@@ -50,6 +51,7 @@ class Pipeline:
         self.drop_totals: Counter = Counter()
         self._unreported: Counter = Counter()
         self._last_drop_report = 0.0
+        self._now: float | None = None  # the latest tick: capture time in replay, else wall
         self._safe: dict[ProcessInfo, ProcessInfo] = {}  # escaping, once per process seen
 
     # -- what sources call ------------------------------------------------------------
@@ -60,6 +62,7 @@ class Pipeline:
         self.flows.close(flow, ts)
 
     def tick(self, now: float) -> None:
+        self._now = now
         self.flows.tick(now)
         if self._unreported and now - self._last_drop_report >= DROP_REPORT_INTERVAL:
             self._report_drops(now)
@@ -80,7 +83,9 @@ class Pipeline:
     def flush(self, now: float | None = None) -> None:
         self.flows.flush()
         if self._unreported:
-            self._report_drops(now if now is not None else self._last_drop_report)
+            if now is None:
+                now = self._now if self._now is not None else time.time()
+            self._report_drops(now)
 
     def close(self) -> None:
         for sink in self.sinks:

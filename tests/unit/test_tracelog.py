@@ -109,3 +109,17 @@ def test_json_file_is_rotated_and_private(tmp_path):
                for line in out.read_text().splitlines())
     # a --json file in a shared directory leaves that directory's mode alone
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o755
+
+
+def test_drop_summary_at_the_end_of_a_replay_carries_the_capture_time(tmp_path):
+    # report reads these lines by time: one stamped 1970 would vanish from every window
+    from imds_tracer.cli import _build
+    from imds_tracer.config import Config
+    pipeline, _ = _build(Config(log_dir=str(tmp_path), metrics_addr=None), backend="replay",
+                         console=False, metrics_addr=None, enricher=None)
+    pipeline.tick(1795000000.0)
+    pipeline.drop("flow_table_full", 3)
+    pipeline.flush()
+    pipeline.close()
+    text = (tmp_path / "imds-trace.log").read_text()
+    assert "agent dropped flow_table_full=3" in text and "[1970-" not in text
