@@ -116,23 +116,23 @@ def _build(config: Config, *, backend: str, console: bool, metrics_addr: str | N
     metrics = MetricsSink(backend=backend, cloud=cloud, max_exe_labels=config.max_exe_labels)
     if metrics_addr:
         metrics.serve(metrics_addr)
-    sinks: list = [metrics]
-    pipeline = Pipeline(config, sinks, cloud=cloud, enricher=enricher)
+    pipeline = Pipeline(config, [metrics], cloud=cloud, enricher=enricher)
     failed = lambda n: pipeline.drop("log_write", n)  # noqa: E731
-    try:
-        sinks.append(TraceLogSink(config.log_dir, config.log_max_bytes, config.log_backups,
-                                  on_failure=failed))
-        if config.json:
-            sinks.append(JsonLinesSink(config.json, config.json_max_bytes,
-                                       config.json_backups, on_failure=failed))
-    except OSError as exc:
-        metrics.close()
-        where = exc.filename or config.log_dir
-        raise ConfigError(f"cannot write {where}: {exc.strerror} (--log-dir / log.dir)") \
-            from None
+    files = [(lambda: TraceLogSink(config.log_dir, config.log_max_bytes, config.log_backups,
+                                   on_failure=failed), config.log_dir, "--log-dir / log.dir")]
+    if config.json:
+        files.append((lambda: JsonLinesSink(config.json, config.json_max_bytes,
+                                            config.json_backups, on_failure=failed),
+                      config.json, "--json / log.json"))
+    for make, where, setting in files:
+        try:
+            pipeline.sinks.append(make())
+        except OSError as exc:
+            pipeline.close()
+            raise ConfigError(f"cannot write {exc.filename or where}: {exc.strerror} "
+                              f"({setting})") from None
     if console:
-        sinks.append(ConsoleSink())
-    pipeline.sinks = sinks
+        pipeline.sinks.append(ConsoleSink())
     return pipeline, metrics
 
 

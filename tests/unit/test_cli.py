@@ -68,6 +68,9 @@ def test_unwritable_log_dir_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert "--log-dir" in one_line_error(imds("replay", AWS, "--log-dir", str(blocker / "d")))
+    err = one_line_error(imds("replay", AWS, "--log-dir", str(tmp_path / "ok"),
+                              "--json", str(blocker / "x.jsonl")))
+    assert "--json" in err and "--log-dir" not in err
 
 
 def test_json_lines_carry_the_contract_keys(tmp_path):
