@@ -85,5 +85,4 @@ def delimit(text: str, chars: str) -> str:
 
 def redact_raw(data: bytes) -> str:
     """Bytes we could not parse as a request head: secrets blanked, then escaped."""
-    text = data.decode("latin-1")
-    return escape(_RAW_SECRET.sub(lambda m: m.group(1) + " " + REDACTED, text))
+    return redact_text(data.decode("latin-1"))
