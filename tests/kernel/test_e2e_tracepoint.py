@@ -19,7 +19,7 @@ import pytest
 
 from tests.kernel.conftest import skip_or_fail
 from tests.lab.agent import AgentProcess
-from tests.lab.clients import KEEPALIVE_CLIENT
+from tests.lab.clients import KEEPALIVE_CLIENT, READ_RESPONSE
 
 AWS_IP = "169.254.169.254"
 ALIYUN_IP = "100.100.100.200"
@@ -164,28 +164,19 @@ c.request("POST", "/latest/meta-data/x", body=b"0123456789", headers={"X-Body": 
 r = c.getresponse(); r.read()
 """
 
-VECTOR_SENDERS = r"""
+VECTOR_SENDERS = READ_RESPONSE + r"""
 import os, socket, sys
 ip = sys.argv[1]
-def read_response(sock):
-    f = sock.makefile("rb")
-    length = 0
-    while True:
-        line = f.readline()
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-        if line in (b"\r\n", b""):
-            break
-    f.read(length)
 s = socket.create_connection((ip, 80))
+f = s.makefile("rb")
 os.writev(s.fileno(), [b"GET /latest/meta-data/mac HTTP/1.1\r\n", b"Host: v\r\n", b"\r\n"])
-read_response(s)
+read_response(f)
 s.sendmsg([b"GET /latest/meta-data/local-ipv4 HTTP/1.1\r\n", b"Host: m\r\n",
            b"Connection: close\r\n\r\n"])
-read_response(s)
+read_response(f)
 t = socket.create_connection((ip, 80))
 os.write(t.fileno(), b"GET /latest/meta-data/placement/region HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
-read_response(t)
+read_response(t.makefile("rb"))
 """
 
 

@@ -1,15 +1,9 @@
 """Client programs the tests run inside the lab (python -c SOURCE ARGS...)."""
 
-# A keep-alive client: one request, then waits for a line on stdin, then two more on the same
-# connection (for "the agent started after the connection was opened" tests).
-KEEPALIVE_CLIENT = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 80))
-f = s.makefile("rb")
-def get(path):
-    # reads the whole response (headers, then Content-Length bytes): the next request starts
-    # on a clean stream
-    s.sendall(("GET %s HTTP/1.1\r\nHost: k\r\n\r\n" % path).encode())
+# Shared by the programs below: read one whole response (the head, then Content-Length
+# bytes), so that the next request on the connection starts on a clean stream.
+READ_RESPONSE = r"""
+def read_response(f):
     length = 0
     while True:
         line = f.readline()
@@ -18,6 +12,17 @@ def get(path):
         if line in (b"\r\n", b""):
             break
     f.read(length)
+"""
+
+# A keep-alive client: one request, then waits for a line on stdin, then two more on the same
+# connection (for "the agent started after the connection was opened" tests).
+KEEPALIVE_CLIENT = READ_RESPONSE + r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80))
+f = s.makefile("rb")
+def get(path):
+    s.sendall(("GET %s HTTP/1.1\r\nHost: k\r\n\r\n" % path).encode())
+    read_response(f)
 get("/latest/meta-data/instance-id")
 print("first", flush=True)
 sys.stdin.readline()
