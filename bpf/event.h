@@ -11,6 +11,9 @@
  *   IMDS_EV_RECV         first bytes of what the process received (response side)
  *   IMDS_EV_CLOSE        the fd (or the fds fd..fd_last for close_range) was closed
  *   IMDS_EV_TGID_RESET   the process exec'd or exited: all its tracked fds are gone
+ *   IMDS_EV_PACKET       (cgroup backend) one TCP packet of a watched socket, IP header
+ *                        onwards; conn_id is the socket cookie; lost_bytes: bytes of the
+ *                        packet not copied
  * IPv4 addresses are carried as v4-mapped IPv6 (::ffff:a.b.c.d) in daddr.
  */
 #ifndef IMDS_EVENT_H
@@ -21,9 +24,12 @@
 #define IMDS_EV_RECV 3
 #define IMDS_EV_CLOSE 4
 #define IMDS_EV_TGID_RESET 5
+#define IMDS_EV_PACKET 6
 
 #define IMDS_F_ARGV_TRUNCATED 0x1  /* CONNECT: argv longer than the cache holds */
 #define IMDS_F_NO_ARGV 0x2         /* CONNECT: no exec seen for this process since load */
+#define IMDS_F_INGRESS 0x4         /* PACKET: received, not sent */
+#define IMDS_F_OWNER_GUESSED 0x8   /* PACKET: socket connected before load; owner = sender */
 
 /* counters[] slots: drops the kernel side counts, read by user space */
 #define IMDS_CNT_OUTPUT_FAILED 0   /* ring/perf buffer full: event lost */

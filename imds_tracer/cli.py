@@ -144,7 +144,8 @@ def cmd_replay(args) -> int:
     pipeline, metrics = _build(config, backend="replay", console=False,
                                metrics_addr=config.metrics_addr if args.metrics_addr else None,
                                enricher=None)
-    replay = PcapReplay(config.addresses, config.ports, progress=args.progress)
+    replay = PcapReplay(config.addresses, config.ports, progress=args.progress,
+                        max_conns=config.max_flows)
     errors = 0
     for path in args.files:
         try:

@@ -21,7 +21,7 @@ DEFAULT_LOG_DIR = "/var/log/imds"
 # blackbox (9115) or any other exporter in Prometheus' default port allocations list.
 DEFAULT_METRICS_ADDR = "127.0.0.1:9796"
 DEFAULT_ADDRESSES = ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.0.23")
-BACKENDS = ("auto", "kprobe", "tracepoint")
+BACKENDS = ("auto", "cgroup", "kprobe", "tracepoint")
 CLOUDS = ("auto", "none", "aws", "aliyun", "azure", "gcp", "oci", "openstack", "huawei",
           "digitalocean", "tencent")
 

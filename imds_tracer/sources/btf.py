@@ -230,3 +230,21 @@ def kprobe_constants(btf: Btf) -> dict[str, int]:
     except BtfError:
         out["IMDS_ITER_UBUF"] = -1
     return out
+
+
+# What bpf/cgroup.c reads to take argv from a new image at sched_process_exec.
+EXEC_ARGV_OFFSETS = {
+    "IMDS_TASK_MM_OFF": ("task_struct", "mm"),
+    "IMDS_MM_ARG_START_OFF": ("mm_struct", "arg_start"),
+    "IMDS_MM_ARG_END_OFF": ("mm_struct", "arg_end"),
+}
+
+
+def exec_argv_constants(btf: Btf) -> dict[str, int]:
+    """-D constants for the exec-time argv program of bpf/cgroup.c. Raises BtfError."""
+    out = {define: btf.member_offset(struct_name, member)
+           for define, (struct_name, member) in EXEC_ARGV_OFFSETS.items()}
+    for struct_name, member in EXEC_ARGV_OFFSETS.values():
+        if btf.member_size(struct_name, member) != 8:
+            raise BtfError(f"{struct_name}.{member} is not 8 bytes in this kernel")
+    return out

@@ -33,7 +33,7 @@ log = logging.getLogger("imds_tracer")
 # package: found relative to this module, never to the working directory.
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
-EV_CONNECT, EV_SEND, EV_RECV, EV_CLOSE, EV_TGID_RESET = 1, 2, 3, 4, 5
+EV_CONNECT, EV_SEND, EV_RECV, EV_CLOSE, EV_TGID_RESET, EV_PACKET = 1, 2, 3, 4, 5, 6
 F_ARGV_TRUNCATED, F_NO_ARGV = 0x1, 0x2
 CNT_OUTPUT_FAILED, CNT_SENDS_TRUNCATED, CNT_STALE_FD, CNT_ARGV_TRUNCATED = range(4)
 AF_INET, AF_INET6 = 2, 10
@@ -266,6 +266,7 @@ class KernelSource:
     name = "kernel"
     program = ""
     flow_tag = "k"
+    tracks_fds = True   # events name (tgid, fd); the cgroup backend knows sockets only
 
     def __init__(self, config: "Config"):
         self.config = config
@@ -467,7 +468,8 @@ class KernelSource:
 
     def _on_connect(self, ev: EventHeader, payload: bytes) -> None:
         old = [cid for cid, info in self._conns.items()
-               if info.tgid == ev.tgid and info.fd == ev.fd and cid != ev.conn_id]
+               if info.tgid == ev.tgid and info.fd == ev.fd and cid != ev.conn_id] \
+            if self.tracks_fds else ()
         for cid in old:  # the fd was reconnected without a close we saw
             self._close(cid, self.wall_time(ev.ts_ns))
         argv = None
@@ -544,27 +546,30 @@ class KernelSource:
 
 
 def open_source(config: "Config", backend_name: str):
-    """The started source for --backend auto|kprobe|tracepoint. Raises SourceError."""
+    """The started source for --backend auto|cgroup|kprobe|tracepoint. Raises SourceError.
+
+    auto tries them in order of cost to the rest of the machine: cgroup (socket hooks, nothing
+    on the syscall path), kprobe (the TCP send path only), tracepoint (every read/write)."""
+    from .cgroup import CgroupSource
     from .kprobe import KprobeSource
     from .tracepoint import TracepointSource
 
-    if backend_name == "tracepoint":
-        candidates = [TracepointSource]
-    elif backend_name == "kprobe":
-        candidates = [KprobeSource]
-    elif backend_name == "auto":
-        candidates = [KprobeSource, TracepointSource]
+    backends = {cls.name: cls for cls in (CgroupSource, KprobeSource, TracepointSource)}
+    if backend_name == "auto":
+        candidates = list(backends.values())
+    elif backend_name in backends:
+        candidates = [backends[backend_name]]
     else:
-        raise SourceError(f"unknown backend {backend_name!r} (use auto, kprobe or tracepoint)")
+        raise SourceError(f"unknown backend {backend_name!r} "
+                          f"(use auto, {', '.join(backends)})")
     reasons = []
     for cls in candidates:
         source = cls(config)
         why_not = cls.unavailable_reason()
         if why_not:
             if backend_name != "auto":
-                other = "tracepoint" if cls.name == "kprobe" else "kprobe"
                 raise SourceError(f"{cls.name} backend cannot run: {why_not}; "
-                                  f"use --backend {other}; see imds-tracer doctor")
+                                  "use --backend auto; see imds-tracer doctor")
             log.info("backend %s not usable: %s", cls.name, why_not)
             reasons.append(f"{cls.name}: {why_not}")
             continue

@@ -1,6 +1,6 @@
-"""End to end on this kernel: `python -m imds_tracer run --backend tracepoint` as a subprocess,
-real clients inside a throw-away network namespace (tests.lab), and the JSON lines and the
-metrics it writes.
+"""End to end on this kernel: `python -m imds_tracer run --backend B` as a subprocess, for
+each backend that can run here (cgroup, tracepoint), real clients inside a throw-away network
+namespace (tests.lab), and the JSON lines and the metrics it writes.
 
 Other sessions may run metadata clients on the same machine at the same time (in their own
 namespaces): records are matched by the pid of the client this test started (`ip netns exec`
@@ -39,9 +39,17 @@ def lab():
         yield the_lab
 
 
+BACKENDS = ["cgroup", "tracepoint"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def agent(lab, tmp_path_factory):
-    the_agent = AgentProcess(tmp_path_factory.mktemp("agent")).start()
+def agent(lab, backend, tmp_path_factory):
+    the_agent = AgentProcess(tmp_path_factory.mktemp("agent"), backend=backend).start()
     try:
         yield the_agent
     finally:
@@ -62,20 +70,22 @@ def one(records):
     return records[0]
 
 
-def test_ready_line_and_start_up(agent):
-    assert agent.ready_line.startswith("ready backend=tracepoint probes=")
-    assert int(agent.ready_line.rsplit("=", 1)[1]) >= 20
+def test_ready_line_and_start_up(agent, backend):
+    assert agent.ready_line.startswith(f"ready backend={backend} probes=")
+    # cgroup: 4 socket hooks + fork + exec; tracepoint: the syscalls' enter and exit + fork
+    probes = int(agent.ready_line.rsplit("=", 1)[1])
+    assert probes == 6 if backend == "cgroup" else probes >= 20
     print(f"agent ready in {agent.ready_seconds:.2f}s, RSS {agent.rss_kib() / 1024:.0f} MiB")
 
 
-def test_curl_aws_normal_mode(agent, lab):
+def test_curl_aws_normal_mode(agent, lab, backend):
     url = f"http://{AWS_IP}/latest/meta-data/instance-id"
     proc = run_client(lab, ["curl", "-s", url])
     rec = one(agent.records_of(proc.pid, 1))
     assert (rec["level"], rec["provider"], rec["mode"], rec["problems"]) == (
         "WARNING", "aws", "normal", [])
     assert (rec["method"], rec["path"], rec["status"]) == ("GET", "/latest/meta-data/instance-id", 200)
-    assert (rec["dst_ip"], rec["dst_port"], rec["source"]) == (AWS_IP, 80, "tracepoint")
+    assert (rec["dst_ip"], rec["dst_port"], rec["source"]) == (AWS_IP, 80, backend)
     assert rec["comm"] == "curl" and rec["argv"] == ["curl", "-s", url]
     assert rec["container"] is None
     assert rec["parents"] and rec["parents"][0]["pid"]
@@ -277,12 +287,13 @@ def test_metrics_match_the_log(agent, lab):
 
 
 @pytest.mark.parametrize("ip", [AWS_IP, AWS_IP6])
-def test_agent_started_after_the_connection_opened(lab, tmp_path, ip):
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_agent_started_after_the_connection_opened(lab, tmp_path, ip, backend_name):
     client = lab.popen([PYTHON, "-c", KEEPALIVE_CLIENT, ip], stdin=subprocess.PIPE,
                        stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "first"
-        late = AgentProcess(tmp_path).start()
+        late = AgentProcess(tmp_path, backend=backend_name).start()
         try:
             client.stdin.write("go\n")
             client.stdin.flush()

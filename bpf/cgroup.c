@@ -1,0 +1,252 @@
+/* Cgroup backend: socket hooks attached to the root of the cgroup v2 hierarchy. Nothing runs
+ * on the syscall path, so unrelated writes, reads and sends on the machine pay (almost)
+ * nothing: no syscall tracepoint, no kprobe.
+ *
+ *   cgroup/connect4, cgroup/connect6   a TCP or UDP connect (also TCP Fast Open's implicit
+ *       one) to a watched (address, port): the socket's cookie is remembered with the task
+ *       that connected, and a CONNECT event carries that process's exec-time argv.
+ *   cgroup_skb/egress, cgroup_skb/ingress   every packet of every socket; the first test is
+ *       the socket's remote port, then its remote address against `watched`. Packets of
+ *       watched sockets with payload or SYN/FIN/RST are copied (IP header onwards, up to
+ *       IMDS_PAYLOAD_LIMIT bytes of payload out, IMDS_RESPONSE_BYTES in) as PACKET events:
+ *       user space reassembles them by TCP sequence number with the replay's decoder, so
+ *       retransmits and GSO are handled as in a capture. sendmmsg, sendfile, io_uring and
+ *       inherited sockets all end up as packets here.
+ *   sched:sched_process_exec, sched:sched_process_fork   argv and parent, for processes that
+ *       exit before user space reads /proc. argv is read from the new image's argument area:
+ *       task_struct.mm and mm_struct.arg_start/arg_end offsets come from the running kernel's
+ *       BTF (IMDS_TASK_MM_OFF, IMDS_MM_ARG_START_OFF, IMDS_MM_ARG_END_OFF); without them
+ *       the exec program is not built and argv comes from /proc.
+ *
+ * Only packet bytes, hook context fields and helpers are read; the one kernel-struct read
+ * (exec argv) uses offsets of the running kernel, never the headers'.
+ */
+#include "common.h"
+
+#ifndef IMDS_PORT_MATCH
+#define IMDS_PORT_MATCH(p) ((p) == 80)
+#endif
+/* Context fields must be loaded with their own offset: without this, clang merges the loads
+ * of two branches into one through a computed pointer, which the verifier refuses. */
+#define IMDS_CTX_LOADED(x) asm volatile("" : "+r"(x))
+
+/* socket cookie -> the task that connected it */
+struct imds_sock {
+    __u64 cgroup_id;
+    __u32 tgid;
+    __u32 tid;
+    __u32 uid;
+    __u32 ppid;
+    __u16 flags;
+    __u16 pad[3];
+    char comm[16];
+};
+BPF_TABLE("lru_hash", __u64, struct imds_sock, socks, 16384);
+
+static __always_inline void remember_sock(__u64 cookie, struct imds_event *ev, __u16 flags)
+{
+    struct imds_sock s = {};
+    s.cgroup_id = ev->cgroup_id;
+    s.tgid = ev->tgid;
+    s.tid = ev->tid;
+    s.uid = ev->uid;
+    s.ppid = ev->ppid;
+    s.flags = flags;
+    __builtin_memcpy(s.comm, ev->comm, sizeof(s.comm));
+    socks.update(&cookie, &s);
+}
+
+static __always_inline int on_connect(struct bpf_sock_addr *ctx, struct watch_key *key,
+                                      __u16 family)
+{
+    if (!watched.lookup(key))
+        return 1;
+    struct imds_buf *b = imds_scratch();
+    if (!b)
+        return 1;
+    imds_fill_task(&b->ev, IMDS_EV_CONNECT);
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    b->ev.conn_id = cookie;
+    b->ev.family = family;
+    b->ev.dport = key->port;
+    b->ev.fd = 0;
+    __builtin_memcpy(b->ev.daddr, key->addr, sizeof(b->ev.daddr));
+    remember_sock(cookie, &b->ev, 0);
+    imds_put_argv(b);
+    imds_emit(ctx, b);
+    return 1;   /* never refuse a connect */
+}
+
+int imds_connect4(struct bpf_sock_addr *ctx)
+{
+    struct watch_key key = {};
+    __u32 ip = ctx->user_ip4;
+    key.addr[10] = 0xff;
+    key.addr[11] = 0xff;
+    __builtin_memcpy(&key.addr[12], &ip, 4);
+    key.port = bpf_ntohs((__u16)ctx->user_port);
+    if (!IMDS_PORT_MATCH(key.port))
+        return 1;
+    return on_connect(ctx, &key, IMDS_AF_INET);
+}
+
+int imds_connect6(struct bpf_sock_addr *ctx)
+{
+    struct watch_key key = {};
+    __u32 w;
+    key.port = bpf_ntohs((__u16)ctx->user_port);
+    if (!IMDS_PORT_MATCH(key.port))
+        return 1;
+    /* one 32-bit load each: the verifier allows only those on user_ip6 */
+    w = ctx->user_ip6[0]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[0], &w, 4);
+    w = ctx->user_ip6[1]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[4], &w, 4);
+    w = ctx->user_ip6[2]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[8], &w, 4);
+    w = ctx->user_ip6[3]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[12], &w, 4);
+    return on_connect(ctx, &key, IMDS_AF_INET6);
+}
+
+static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
+{
+    /* the socket's remote end: the same test for both directions, since the socket is the
+     * client's (a server's socket has the metadata port as its local, not remote, port) */
+    __u32 port = bpf_ntohl(skb->remote_port);
+    if (!IMDS_PORT_MATCH(port))
+        return 1;
+    struct watch_key key = {};
+    __u32 family = skb->family;
+    __u32 w;
+    if (family == IMDS_AF_INET) {
+        key.addr[10] = 0xff;
+        key.addr[11] = 0xff;
+        w = skb->remote_ip4; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[12], &w, 4);
+    } else if (family == IMDS_AF_INET6) {
+        w = skb->remote_ip6[0]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[0], &w, 4);
+        w = skb->remote_ip6[1]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[4], &w, 4);
+        w = skb->remote_ip6[2]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[8], &w, 4);
+        w = skb->remote_ip6[3]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[12], &w, 4);
+    } else {
+        return 1;
+    }
+    key.port = port;
+    if (!watched.lookup(&key))
+        return 1;
+
+    /* a watched socket: keep packets with payload or SYN/FIN/RST, skip pure ACKs */
+    __u8 first = 0;
+    if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
+        return 1;
+    __u32 l3;
+    __u8 proto = 0;
+    if ((first >> 4) == 4) {
+        l3 = (first & 0x0f) * 4;
+        bpf_skb_load_bytes(skb, 9, &proto, 1);
+    } else if ((first >> 4) == 6) {
+        l3 = 40;
+        bpf_skb_load_bytes(skb, 6, &proto, 1);
+    } else {
+        return 1;
+    }
+    if (proto != 6 || l3 < 20 || l3 > 60)
+        return 1;
+    __u8 tcp[2] = {};
+    if (bpf_skb_load_bytes(skb, l3 + 12, tcp, 2) != 0)
+        return 1;
+    __u32 headers = l3 + (tcp[0] >> 4) * 4;
+    __u8 tcp_flags = tcp[1];
+    if (skb->len <= headers && !(tcp_flags & 0x07))   /* FIN 0x01, SYN 0x02, RST 0x04 */
+        return 1;
+
+    struct imds_buf *b = imds_scratch();
+    if (!b)
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(skb);
+    struct imds_sock *s = socks.lookup(&cookie);
+    if (s) {
+        b->ev.ts_ns = bpf_ktime_get_ns();
+        b->ev.cgroup_id = s->cgroup_id;
+        b->ev.tgid = s->tgid;
+        b->ev.tid = s->tid;
+        b->ev.uid = s->uid;
+        b->ev.ppid = s->ppid;
+        b->ev.kind = IMDS_EV_PACKET;
+        b->ev.flags = s->flags;
+        b->ev.payload_len = 0;
+        b->ev.lost_bytes = 0;
+        b->ev.fd_last = 0;
+        __builtin_memcpy(b->ev.comm, s->comm, sizeof(b->ev.comm));
+    } else {
+        /* connected before the hooks were attached: the socket belongs, as far as the
+         * kernel can tell here, to the task sending on it (user space checks /proc) */
+        imds_fill_task(&b->ev, IMDS_EV_PACKET);
+        b->ev.cgroup_id = bpf_skb_cgroup_id(skb);
+        b->ev.flags = IMDS_F_OWNER_GUESSED;
+        if (!ingress && b->ev.tgid)
+            remember_sock(cookie, &b->ev, IMDS_F_OWNER_GUESSED);
+    }
+    if (ingress)
+        b->ev.flags |= IMDS_F_INGRESS;
+    b->ev.conn_id = cookie;
+    b->ev.fd = 0;
+    b->ev.family = family;
+    b->ev.dport = port;
+    __builtin_memcpy(b->ev.daddr, key.addr, sizeof(b->ev.daddr));
+
+    __u64 limit = headers + (ingress ? IMDS_RESPONSE_BYTES : IMDS_PAYLOAD_LIMIT);
+    __u64 n = skb->len < limit ? skb->len : limit;
+    asm volatile("" : "+r"(n));
+    if (n > 2 * IMDS_PAYLOAD_CAP - 1)
+        n = 2 * IMDS_PAYLOAD_CAP - 1;
+    n &= 2 * IMDS_PAYLOAD_CAP - 1;
+    if (n == 0 || bpf_skb_load_bytes(skb, 0, b->payload, n) != 0)
+        return 1;
+    b->ev.payload_len = n;
+    b->ev.lost_bytes = skb->len - n;
+    if (!ingress && b->ev.lost_bytes)
+        imds_count(IMDS_CNT_SENDS_TRUNCATED);
+    imds_emit(skb, b);
+    return 1;   /* never drop a packet */
+}
+
+int imds_egress(struct __sk_buff *skb)
+{
+    return on_packet(skb, 0);
+}
+
+int imds_ingress(struct __sk_buff *skb)
+{
+    return on_packet(skb, 1);
+}
+
+#ifdef IMDS_TASK_MM_OFF
+/* sched:sched_process_exec: the new image's argument area, NUL-separated already */
+int imds_on_exec(void *ctx)
+{
+    __u32 zero = 0;
+    struct imds_argv *v = argv_scratch.lookup(&zero);
+    if (!v)
+        return 0;
+    char *task = (char *)bpf_get_current_task();
+    char *mm = 0;
+    __u64 start = 0, end = 0;
+    if (bpf_probe_read_kernel(&mm, sizeof(mm), task + IMDS_TASK_MM_OFF) != 0 || !mm)
+        return 0;
+    bpf_probe_read_kernel(&start, sizeof(start), mm + IMDS_MM_ARG_START_OFF);
+    bpf_probe_read_kernel(&end, sizeof(end), mm + IMDS_MM_ARG_END_OFF);
+    if (end <= start)
+        return 0;
+    __u64 len = end - start;
+    v->truncated = len > IMDS_ARGV_BUF;
+    asm volatile("" : "+r"(len));
+    if (len > IMDS_ARGV_BUF)
+        len = IMDS_ARGV_BUF;
+    if (bpf_probe_read_user(v->buf, len, (void *)start) != 0)
+        return 0;
+    v->len = len;
+    v->argc = 0;
+    if (v->truncated)
+        imds_count(IMDS_CNT_ARGV_TRUNCATED);
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    argv_cache.update(&tgid, v);
+    return 0;
+}
+#endif

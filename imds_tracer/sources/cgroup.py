@@ -1,0 +1,173 @@
+"""The cgroup backend: BPF socket hooks on the root of the cgroup v2 hierarchy (bpf/cgroup.c).
+
+It puts nothing on the syscall path: a connect() to a watched address is seen by the
+cgroup/connect4|6 hook, and the packets of such a socket by cgroup_skb egress/ingress, whose
+first test (the socket's remote port) lets every other packet through at once. Unrelated
+writes and sends therefore cost next to nothing, where syscall tracepoints slow down every
+syscall of the machine. Packets arrive as a capture would hold them and go through the
+replay's decoder (`packets.TcpDemux`), keyed by socket cookie.
+
+The hooks are attached with BPF links: they go away with the agent's process, also when it
+is killed, so a crashed agent leaves nothing running in the kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+from pathlib import Path
+
+from .base import SourceError
+from .btf import VMLINUX_BTF, Btf, BtfError, exec_argv_constants
+from .kernel import EV_PACKET, EventHeader, KernelSource, ringbuf_supported
+from .packets import TcpDemux
+
+log = logging.getLogger("imds_tracer")
+
+F_INGRESS, F_OWNER_GUESSED = 0x4, 0x8
+
+# (function in bpf/cgroup.c, BCC program type name, bpf_attach_type from uapi/linux/bpf.h)
+CGROUP_INET_INGRESS, CGROUP_INET_EGRESS = 0, 1
+CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
+HOOKS = (
+    ("imds_connect4", "CGROUP_SOCK_ADDR", CGROUP_INET4_CONNECT),
+    ("imds_connect6", "CGROUP_SOCK_ADDR", CGROUP_INET6_CONNECT),
+    ("imds_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+    ("imds_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+)
+
+
+def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified in hybrid
+    mode), or None."""
+    try:
+        text = mountinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if right.split()[:1] == ["cgroup2"] and len(fields) >= 5 and fields[3] == "/":
+            return fields[4].replace("\\040", " ")
+    return None
+
+
+_libbpf = None
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link attaching a program to a cgroup: the link fd, closed to detach.
+    Raises OSError."""
+    global _libbpf
+    if _libbpf is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        _libbpf = ctypes.CDLL(name, use_errno=True)
+        _libbpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                            ctypes.c_void_p]
+        _libbpf.bpf_link_create.restype = ctypes.c_int
+    fd = _libbpf.bpf_link_create(prog_fd, target_fd, attach_type, None)
+    if fd < 0:
+        code = -fd if fd < -1 else ctypes.get_errno() or errno.EINVAL
+        raise OSError(code, os.strerror(code))
+    return fd
+
+
+def port_match(ports) -> str:
+    """The C expression the kernel tests the remote port with (a constant compare chain)."""
+    return "(" + " || ".join(f"(p) == {int(p)}" for p in sorted(set(ports))) + ")"
+
+
+class CgroupSource(KernelSource):
+    name = "cgroup"
+    program = "cgroup.c"
+    flow_tag = "cg"
+    tracks_fds = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.root = cgroup2_root()
+        self.demux = TcpDemux(config.addresses, config.ports, self.name,
+                              max_conns=config.max_flows)
+        self.exec_argv = False
+        self._links: list[int] = []
+        self.stats.update({"packets": 0, "owner_guessed": 0})
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not ringbuf_supported():
+            return "kernel older than 5.8 (needs BPF ring buffers and cgroup BPF links)"
+        if cgroup2_root() is None:
+            return "no cgroup v2 hierarchy mounted (mount -t cgroup2 none /sys/fs/cgroup)"
+        return None
+
+    def _cflags(self) -> list[str]:
+        flags = super()._cflags() + [f"-DIMDS_PORT_MATCH(p)={port_match(self.config.ports)}"]
+        try:
+            constants = exec_argv_constants(Btf.load(VMLINUX_BTF))
+        except BtfError as exc:
+            log.info("argv at exec not captured (%s): argv comes from /proc at connect", exc)
+            return flags
+        self.exec_argv = True
+        return flags + [f"-D{k}={v}" for k, v in sorted(constants.items())]
+
+    def _no_probe_message(self) -> str:
+        return f"no cgroup hook attached to {self.root}; see imds-tracer doctor"
+
+    def _attach(self) -> int:
+        from bcc import BPF  # noqa: WPS433 - lazy on purpose
+
+        try:
+            cgroup_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except (OSError, TypeError) as exc:
+            raise SourceError(f"cgroup backend: cannot open the cgroup v2 root "
+                              f"{self.root}: {getattr(exc, 'strerror', exc)}") from None
+        try:
+            for func, prog_type, attach_type in HOOKS:
+                fn = self.bpf.load_func(func.encode(), getattr(BPF, prog_type),
+                                        attach_type=attach_type)
+                try:
+                    self._links.append(link_create(fn.fd, cgroup_fd, attach_type))
+                except OSError as exc:
+                    raise SourceError(f"cgroup backend: attaching {func} to {self.root} "
+                                      f"failed: {exc.strerror}") from None
+        finally:
+            os.close(cgroup_fd)
+        attached = len(self._links) + self._attach_process_cache()
+        if self.exec_argv:
+            try:
+                self.bpf.attach_tracepoint(tp=b"sched:sched_process_exec",
+                                           fn_name=b"imds_on_exec")
+                attached += 1
+            except Exception as exc:  # noqa: BLE001 - BCC raises bare Exception
+                log.warning("sched:sched_process_exec not attached (%s): argv of processes "
+                            "that exit early will be unknown", exc)
+        return attached
+
+    def stop(self) -> None:
+        links, self._links = self._links, []
+        for fd in links:   # closing the last reference to a link detaches its program
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        super().stop()
+
+    def handle_event(self, ev: EventHeader, payload: bytes) -> None:
+        if ev.kind != EV_PACKET:
+            super().handle_event(ev, payload)
+            return
+        self.stats["packets"] += 1
+        pipeline = self._pipeline
+        if pipeline is None or not payload:
+            return
+        info = self._conns.get(ev.conn_id)
+        if info is None:
+            if ev.flags & F_OWNER_GUESSED:
+                self.stats["owner_guessed"] += 1
+            info = self._remember(ev, None)
+        else:
+            self._conns.move_to_end(ev.conn_id)
+        self.demux.ip_packet(payload, 0, payload[0] >> 4, self.wall_time(ev.ts_ns), pipeline,
+                             scope=ev.conn_id, process=self._snapshot(ev, info))

@@ -1,0 +1,141 @@
+"""IP packets of metadata connections -> pipeline chunks. Shared by pcap replay and by the
+cgroup backend, whose kernel program hands over packets as a capture would.
+
+Headers are unpacked with struct, and a packet not to or from a watched address is passed
+over before any object is built (what makes a million-packet replay quick). Requests and
+responses are told apart by the server's (address, port) and by who sent the SYN, never by
+address alone: on a namespace's loopback client and server share the address. Sequence
+numbers go with every chunk, so `flows.FlowTable` puts retransmitted, duplicated and
+reordered segments back in order.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable
+
+from ..model import Chunk, Direction, ProcessSnapshot
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+_u16 = struct.Struct("!H").unpack_from
+_tcp = struct.Struct("!HHIIBB").unpack_from
+
+
+@dataclass(slots=True)
+class _Conn:
+    key: tuple
+    server_ip: str
+    server_port: int
+    client_fin: bool = False
+    server_fin: bool = False
+
+
+class TcpDemux:
+    """Turns TCP segments into chunks and connection ends into `close_flow` calls.
+
+    `scope` separates connections that share a 4-tuple (live: the socket cookie, since two
+    network namespaces can use the same addresses at once; replay: None). At most `max_conns`
+    connections are followed; the oldest is closed to make room for a new one.
+    """
+
+    def __init__(self, addresses, ports, source: str, max_conns: int = 65536):
+        self.addresses = frozenset(ipaddress.ip_address(a).packed for a in addresses)
+        self.ports = frozenset(int(p) for p in ports)
+        self.source = source
+        self.max_conns = max(1, int(max_conns))
+        self._conns: OrderedDict[tuple, _Conn] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def ip_packet(self, data: bytes, off: int, version: int, ts: float, pipeline, *,
+                  scope: Hashable = None, process: ProcessSnapshot | None = None) -> bool:
+        """One IP packet starting at data[off]. True when it belonged to a watched address."""
+        if version == 4:
+            if len(data) < off + 20 or data[off + 9] != 6:
+                return False
+            ihl = (data[off] & 0x0F) * 4
+            total = _u16(data, off + 2)[0]
+            if _u16(data, off + 6)[0] & 0x1FFF:
+                return False  # a later fragment: no TCP header
+            src, dst = data[off + 12:off + 16], data[off + 16:off + 20]
+            end = off + total if total else len(data)
+            off += ihl
+        else:
+            if len(data) < off + 40 or data[off + 6] != 6:
+                return False
+            src, dst = data[off + 8:off + 24], data[off + 24:off + 40]
+            end = off + 40 + _u16(data, off + 4)[0]
+            off += 40
+        addresses = self.addresses
+        if src not in addresses and dst not in addresses:
+            return False
+        if len(data) < off + 20:
+            return False
+        sport, dport, seq, _ack, doff, flags = _tcp(data, off)
+        start = off + (doff >> 4) * 4
+        payload = data[start:min(end, len(data))]
+        lost = max(0, end - max(len(data), start))   # cut by the snap length / copy limit
+        self._segment(scope, src, sport, dst, dport, seq, flags, payload, lost, ts, pipeline,
+                      process)
+        return True
+
+    def _segment(self, scope, src, sport, dst, dport, seq, flags, payload, lost, ts, pipeline,
+                 process) -> None:
+        fwd = (scope, src, sport, dst, dport)
+        rev = (scope, dst, dport, src, sport)
+        conn = self._conns.get(fwd) or self._conns.get(rev)
+        if flags & TCP_SYN:
+            if not flags & TCP_ACK:                      # client -> server: a new connection
+                if conn is not None:
+                    self._end(conn, pipeline, ts)        # the 4-tuple is being reused
+                if dst not in self.addresses or dport not in self.ports:
+                    return
+                conn = self._new(fwd, dst, dport, pipeline, ts)
+                direction = Direction.REQUEST
+            elif conn is None:
+                return
+            else:
+                direction = Direction.RESPONSE
+            # data starts at SYN + 1: a segment arriving early is then held, not taken first
+            pipeline.feed(Chunk(conn.key, direction, b"", ts, conn.server_ip, conn.server_port,
+                                self.source, process, seq=(seq + 1) & 0xFFFFFFFF))
+            return
+        if conn is None:
+            if not payload and not lost:
+                return
+            if dst in self.addresses and dport in self.ports:
+                conn = self._new(fwd, dst, dport, pipeline, ts)
+            elif src in self.addresses and sport in self.ports:
+                conn = self._new(rev, src, sport, pipeline, ts)
+            else:
+                return
+        request = conn.key == fwd
+        if payload or lost:
+            pipeline.feed(Chunk(conn.key, Direction.REQUEST if request else Direction.RESPONSE,
+                                bytes(payload), ts, conn.server_ip, conn.server_port,
+                                self.source, process, seq=seq, lost=lost))
+        if flags & TCP_RST:
+            self._end(conn, pipeline, ts)
+        elif flags & TCP_FIN:
+            if request:
+                conn.client_fin = True
+            else:
+                conn.server_fin = True
+            if conn.server_fin:   # the server has answered all it will
+                self._end(conn, pipeline, ts)
+
+    def _new(self, key: tuple, server: bytes, port: int, pipeline, ts: float) -> _Conn:
+        while len(self._conns) >= self.max_conns:
+            _key, oldest = self._conns.popitem(last=False)
+            pipeline.close_flow(oldest.key, ts)
+        conn = _Conn(key, str(ipaddress.ip_address(server)), port)
+        self._conns[key] = conn
+        return conn
+
+    def _end(self, conn: _Conn, pipeline, ts: float) -> None:
+        self._conns.pop(conn.key, None)
+        pipeline.close_flow(conn.key, ts)
