@@ -247,8 +247,14 @@ static __always_inline void imds_put_argv(struct imds_buf *b)
     asm volatile("" : "+r"(len));
     if (len > IMDS_ARGV_BUF)
         len = IMDS_ARGV_BUF;
-    if (bpf_probe_read_kernel(b->payload, sizeof(v->buf), v->buf) != 0)
-        return;
+    /* map value to map value in 8-byte words, no helper: socket programs (cgroup backend)
+     * may not call the probe-read helpers, and BCC turns bpf_probe_read_kernel into
+     * bpf_probe_read when it cannot confirm the former (e.g. without CAP_SYSLOG) */
+    __u64 *dst = (__u64 *)b->payload;
+    const __u64 *src = (const __u64 *)v->buf;
+#pragma unroll
+    for (int i = 0; i < IMDS_ARGV_BUF / 8; i++)
+        dst[i] = src[i];
     b->ev.payload_len = len;
     if (v->truncated)
         b->ev.flags |= IMDS_F_ARGV_TRUNCATED;

@@ -76,20 +76,33 @@ def check_bpf_syscall() -> Check:
     return Check("BPF syscall", False, f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}", fix)
 
 
+def check_cgroup2() -> Check:
+    from .sources.cgroup import CgroupSource, cgroup2_root
+    root = cgroup2_root()
+    if root:
+        return Check("cgroup v2", True, f"root of the hierarchy at {root} (the cgroup backend's "
+                     "socket hooks attach to it)", required=False)
+    return Check("cgroup v2", False, CgroupSource.unavailable_reason() or "not usable",
+                 "mount the cgroup v2 root (cgroup backend)", required=False)
+
+
 def check_tracefs() -> Check:
     if os.path.isdir(TRACEFS / "events"):
-        return Check("tracefs", True, f"mounted at {TRACEFS}")
+        return Check("tracefs", True, f"mounted at {TRACEFS}", required=False)
     return Check("tracefs", False, f"{TRACEFS}/events missing",
-                 f"mount -t tracefs tracefs {TRACEFS}")
+                 f"mount -t tracefs tracefs {TRACEFS} (tracepoint backend; the others use it "
+                 "for argv and parents of processes that exit early)", required=False)
 
 
 def check_syscall_tracepoints() -> Check:
     missing = [f"sys_enter_{n}" for n in SYSCALL_TRACEPOINTS
                if not os.path.exists(TRACEFS / "events" / "syscalls" / f"sys_enter_{n}")]
     if not missing:
-        return Check("syscall tracepoints", True, f"present ({len(SYSCALL_TRACEPOINTS)} checked)")
+        return Check("syscall tracepoints", True, f"present ({len(SYSCALL_TRACEPOINTS)} checked)",
+                     required=False)
     return Check("syscall tracepoints", False, "missing: " + ", ".join(missing[:4]),
-                 "mount tracefs; the kernel needs CONFIG_FTRACE_SYSCALLS (tracepoint backend)")
+                 "mount tracefs; the kernel needs CONFIG_FTRACE_SYSCALLS (tracepoint backend)",
+                 required=False)
 
 
 def check_kprobes() -> Check:
@@ -102,7 +115,7 @@ def check_kprobes() -> Check:
     return Check("kprobes", False,
                  f"not available (CONFIG_KPROBES={'not set' if config == 'n' else config or '?'}, "
                  f"no {TRACEFS}/kprobe_events)",
-                 "the tracepoint backend works without them (--backend tracepoint)",
+                 "the cgroup and tracepoint backends work without them",
                  required=False)
 
 
@@ -132,8 +145,8 @@ def check_headers() -> Check:
         return Check("kernel headers", True, f"{target} (match the running kernel)")
     return Check("kernel headers", True,
                  f"{target} are {found or 'unknown version'}, not {release}: enough for BCC to "
-                 "compile; the tracepoint backend reads no kernel struct and the kprobe backend "
-                 "takes its offsets from BTF")
+                 "compile; every struct offset the backends read comes from BTF, not from "
+                 "the headers")
 
 
 def check_btf() -> Check:
@@ -142,13 +155,17 @@ def check_btf() -> Check:
                      "kprobe backend needs CONFIG_DEBUG_INFO_BTF for struct offsets",
                      required=False)
     try:
-        from .sources.btf import Btf, kprobe_constants
-        consts = kprobe_constants(Btf.load())
+        from .sources.btf import Btf, exec_argv_constants, kprobe_constants
+        btf = Btf.load()
+        consts = kprobe_constants(btf)
+        argv = exec_argv_constants(btf)
     except Exception as exc:  # BtfError or a malformed blob
-        return Check("BTF", False, f"{BTF}: {exc}", "kprobe backend unavailable", required=False)
+        return Check("BTF", False, f"{BTF}: {exc}", "kprobe backend unavailable; the cgroup "
+                     "backend takes argv from /proc", required=False)
     return Check("BTF", True, f"{BTF}: kprobe offsets resolved (iov_iter.ubuf at "
                  f"+{consts['IMDS_OFF_ITER_UBUF']}, sock_common.skc_daddr at "
-                 f"+{consts['IMDS_OFF_SKC_DADDR']})", required=False)
+                 f"+{consts['IMDS_OFF_SKC_DADDR']}); exec argv offsets (mm_struct.arg_start at "
+                 f"+{argv['IMDS_MM_ARG_START_OFF']})", required=False)
 
 
 def effective_caps() -> int:
@@ -195,10 +212,9 @@ def check_lockdown() -> Check:
 
 
 def choose_backend() -> tuple[str | None, list[str]]:
-    from .sources.kprobe import KprobeSource
-    from .sources.tracepoint import TracepointSource
+    from .sources.kernel import backend_classes
     reasons = []
-    for cls in (KprobeSource, TracepointSource):
+    for cls in backend_classes().values():
         why = cls.unavailable_reason()
         if why is None:
             return cls.name, reasons
@@ -226,9 +242,9 @@ def main(config, *, load: bool = True, out=None) -> int:
     out = out or sys.stdout
     print(f"imds-tracer doctor: Linux {platform.release()} ({platform.machine()}), "
           f"python {platform.python_version()} at {sys.executable}", file=out)
-    checks = [check_bpf_syscall(), check_capabilities(), check_bcc(), check_tracefs(),
-              check_syscall_tracepoints(), check_kprobes(), check_btf(), check_headers(),
-              check_lockdown()]
+    checks = [check_bpf_syscall(), check_capabilities(), check_bcc(), check_cgroup2(),
+              check_tracefs(), check_syscall_tracepoints(), check_kprobes(), check_btf(),
+              check_headers(), check_lockdown()]
     backend, why_not = choose_backend()
     essentials = all(c.ok for c in checks if c.required)
     if backend and essentials and load:

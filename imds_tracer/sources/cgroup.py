@@ -39,18 +39,36 @@ HOOKS = (
 )
 
 
-def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
-    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified in hybrid
-    mode), or None."""
+ROOT_CGROUP_INO = 1   # kernfs gives the root of the hierarchy inode 1 (its cgroup id)
+
+
+def cgroup2_mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
+    """Mount points of cgroup v2 filesystems (/sys/fs/cgroup, or .../unified in hybrid mode)."""
     try:
         text = mountinfo.read_text()
     except OSError:
-        return None
+        return []
+    out = []
     for line in text.splitlines():
         left, _, right = line.partition(" - ")
         fields = left.split()
-        if right.split()[:1] == ["cgroup2"] and len(fields) >= 5 and fields[3] == "/":
-            return fields[4].replace("\\040", " ")
+        if right.split()[:1] == ["cgroup2"] and len(fields) >= 5:
+            out.append(fields[4].replace("\\040", " "))
+    return out
+
+
+def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
+    """The mount point that shows the root of the whole cgroup v2 hierarchy, or None.
+
+    Hooks attached lower down (a container's cgroup namespace shows its own cgroup as "/")
+    would see only the processes below it: a silent blind spot, so such a mount does not
+    count."""
+    for path in cgroup2_mounts(mountinfo):
+        try:
+            if os.stat(path).st_ino == ROOT_CGROUP_INO:
+                return path
+        except OSError:
+            continue
     return None
 
 
@@ -99,6 +117,9 @@ class CgroupSource(KernelSource):
         if not ringbuf_supported():
             return "kernel older than 5.8 (needs BPF ring buffers and cgroup BPF links)"
         if cgroup2_root() is None:
+            if cgroup2_mounts():
+                return ("the cgroup v2 mount shows a sub-tree, not the root of the hierarchy "
+                        "(a cgroup namespace?): mount the host's /sys/fs/cgroup")
             return "no cgroup v2 hierarchy mounted (mount -t cgroup2 none /sys/fs/cgroup)"
         return None
 

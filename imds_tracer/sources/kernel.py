@@ -545,16 +545,19 @@ class KernelSource:
         return self.kernel_ppid(pid), self.kernel_argv(pid)
 
 
-def open_source(config: "Config", backend_name: str):
-    """The started source for --backend auto|cgroup|kprobe|tracepoint. Raises SourceError.
-
-    auto tries them in order of cost to the rest of the machine: cgroup (socket hooks, nothing
-    on the syscall path), kprobe (the TCP send path only), tracepoint (every read/write)."""
+def backend_classes() -> dict:
+    """name -> source class, in the order --backend auto tries them: by cost to the rest of
+    the machine. cgroup (socket hooks, nothing on the syscall path), kprobe (the TCP send
+    path only), tracepoint (every read and write of every process)."""
     from .cgroup import CgroupSource
     from .kprobe import KprobeSource
     from .tracepoint import TracepointSource
+    return {cls.name: cls for cls in (CgroupSource, KprobeSource, TracepointSource)}
 
-    backends = {cls.name: cls for cls in (CgroupSource, KprobeSource, TracepointSource)}
+
+def open_source(config: "Config", backend_name: str):
+    """The started source for --backend auto|cgroup|kprobe|tracepoint. Raises SourceError."""
+    backends = backend_classes()
     if backend_name == "auto":
         candidates = list(backends.values())
     elif backend_name in backends:

@@ -22,7 +22,7 @@ SEND_FUNCTIONS = ("tcp_sendmsg", "tcp_sendmsg_locked")
 RECV_FUNCTION = "tcp_recvmsg"
 KPROBE_EVENTS = Path("/sys/kernel/tracing/kprobe_events")
 NO_KPROBES = ("no kprobe attached (kernel built without CONFIG_KPROBES?); "
-              "use --backend tracepoint; see imds-tracer doctor")
+              "use --backend cgroup or --backend tracepoint; see imds-tracer doctor")
 
 
 def kernel_symbols(names, kallsyms: Path = Path("/proc/kallsyms")) -> set[str]:
@@ -64,7 +64,8 @@ class KprobeSource(KernelSource):
         try:
             self.constants = kprobe_constants(Btf.load())
         except BtfError as exc:
-            raise SourceError(f"kprobe backend: {exc}; use --backend tracepoint") from None
+            raise SourceError(f"kprobe backend: {exc}; use --backend cgroup or "
+                              "--backend tracepoint") from None
         flags = super()._cflags()
         flags += [f"-D{name}={value}" for name, value in sorted(self.constants.items())]
         return flags

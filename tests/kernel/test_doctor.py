@@ -10,12 +10,11 @@ def test_doctor_reports_this_kernel():
     code = doctor.main(Config(), out=out)
     text = out.getvalue()
     print(text)
-    for name in ("BPF syscall", "capabilities", "BCC", "tracefs", "syscall tracepoints",
-                 "kprobes", "BTF", "kernel headers", "dry run"):
+    for name in ("BPF syscall", "capabilities", "BCC", "cgroup v2", "tracefs",
+                 "syscall tracepoints", "kprobes", "BTF", "kernel headers", "dry run"):
         assert f"] {name}:" in text, name
-    from imds_tracer.sources.kprobe import KprobeSource
-    expected = "kprobe" if KprobeSource.unavailable_reason() is None else "tracepoint"
-    assert f"--backend auto would use {expected}" in text
+    assert "--backend auto would use cgroup" in text
+    assert "dry run: cgroup backend compiled, loaded and attached 6 probes" in text
     assert code == 0
 
 
@@ -25,4 +24,4 @@ def test_doctor_without_loading_is_quick_and_names_fixes():
     text = out.getvalue()
     assert "dry run" not in text
     if "[     no] kprobes" in text:
-        assert "fix: the tracepoint backend works without them" in text
+        assert "fix: the cgroup and tracepoint backends work without them" in text

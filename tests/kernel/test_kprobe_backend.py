@@ -60,10 +60,24 @@ def test_start_without_kprobes_is_a_one_line_error():
     assert src.bpf is None   # nothing left loaded
 
 
-def test_auto_falls_back_to_tracepoint(caplog):
+def test_auto_prefers_the_cgroup_backend(caplog):
+    from imds_tracer.sources.kernel import open_source
+    caplog.set_level(logging.INFO, logger="imds_tracer")
+    src = open_source(Config(), "auto")
+    try:
+        assert src.name == "cgroup"
+        assert "using cgroup" in caplog.text
+    finally:
+        src.stop()
+
+
+def test_auto_falls_back_to_tracepoint(caplog, monkeypatch):
+    from imds_tracer.sources.cgroup import CgroupSource
     from imds_tracer.sources.kernel import open_source
     from imds_tracer.sources.kprobe import KprobeSource
     caplog.set_level(logging.INFO, logger="imds_tracer")
+    # as on a machine without a cgroup v2 hierarchy
+    monkeypatch.setattr(CgroupSource, "unavailable_reason", classmethod(lambda cls: "no v2"))
     src = open_source(Config(), "auto")
     try:
         expected = "kprobe" if KprobeSource.unavailable_reason() is None else "tracepoint"

@@ -31,7 +31,8 @@ Example::
     finally:
         assert agent.stop() == 0, agent.stderr()[-2000:]
 
-Needs root and BPF for the tracepoint/kprobe backends (the callers skip otherwise).
+Needs root and BPF (the callers skip otherwise). The backend is `auto` unless given: what
+users run.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def free_port() -> int:
 class AgentProcess:
     """`imds-tracer run` in a subprocess; JSON lines, metrics and stderr readable while it runs."""
 
-    def __init__(self, tmp: Path | None = None, *, backend: str = "tracepoint",
+    def __init__(self, tmp: Path | None = None, *, backend: str = "auto",
                  log_dir: Path | None = None, json_path: Path | None = None,
                  config: str | None = None, metrics_port: int | None = None,
                  python: str = sys.executable, extra_args: Sequence[str] = (),

@@ -34,6 +34,6 @@ class Agent:
         return status, self._agent.stderr()
 
 
-def agent_command(workdir: Path) -> list[str]:
-    """`imds-tracer run --backend tracepoint` with its files in `workdir`, for `Agent`."""
-    return AgentProcess(workdir, python=OS_PYTHON).argv
+def agent_command(workdir: Path, backend: str = "auto") -> list[str]:
+    """`imds-tracer run --backend B` with its files in `workdir`, for `Agent`."""
+    return AgentProcess(workdir, python=OS_PYTHON, backend=backend).argv

@@ -90,7 +90,7 @@ def test_daemonset_manifest(tmp_path):
     container = spec["containers"][0]
     assert container["command"][:2] == ["imds-tracer", "run"]
     assert set(container["securityContext"]["capabilities"]["add"]) == \
-        {"BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"}
+        {"BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN"}
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/sys/kernel/tracing", "/sys/fs/cgroup", "/lib/modules", "/usr/src",
             "/var/log/imds", "/etc/imds-tracer"} <= mounts

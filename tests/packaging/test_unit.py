@@ -21,10 +21,13 @@ from tests.packaging.agent import Agent as _Agent, agent_command as _agent_comma
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "imds-tracer.service"
-# measured 2026-11-23, systemd 252: 3.0 ("OK"). Lower is better; a change that raises it must
-# say why in the unit and here.
-MAX_EXPOSURE = 3.0
-EXPECTED_CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
+# measured 2026-11-23, systemd 252: 3.0 ("OK"); 3.2 since CAP_NET_ADMIN (+0.2), which the
+# cgroup backend needs to load its socket programs (see the unit): without it the agent falls
+# back to syscall tracepoints, which slow every syscall of the machine. Lower is better; a
+# change that raises it must say why in the unit and here.
+MAX_EXPOSURE = 3.2
+EXPECTED_CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH",
+                 "CAP_NET_ADMIN"}
 
 needs_analyze = pytest.mark.skipif(not shutil.which("systemd-analyze"),
                                    reason="systemd-analyze not installed (apt-get install systemd)")
@@ -176,9 +179,11 @@ CLIENT = ("import time, urllib.request; "
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("without", [None, "CAP_SYS_PTRACE"])
-def test_agent_runs_in_unit_sandbox(without, agent_usable, tmp_path, lab_factory):
-    """The real agent (tracepoint backend) inside the unit's sandbox gets ready, records a
+@pytest.mark.parametrize("without,backend", [(None, "auto"), ("CAP_SYS_PTRACE", "auto"),
+                                             ("CAP_NET_ADMIN", "auto"), (None, "tracepoint")])
+def test_agent_runs_in_unit_sandbox(without, backend, agent_usable, tmp_path, lab_factory):
+    """The real agent (as the unit runs it: --backend auto, which picks cgroup here; and the
+    tracepoint backend) inside the unit's sandbox gets ready, records a
     normal-mode request of another user's process with argv, parents and executable, and
     exits 0 on SIGTERM. Without CAP_SYS_PTRACE it still runs but cannot read the executable
     of other users' processes (/proc/PID/exe): the reason that capability is in the set."""
@@ -188,10 +193,14 @@ def test_agent_runs_in_unit_sandbox(without, agent_usable, tmp_path, lab_factory
         text = re.sub(rf"^(CapabilityBoundingSet=.*?){without}\b", r"\1", text, flags=re.M)
     unit.write_text(text)
     lab = lab_factory()
-    boxed = _Agent(sandbox.wrap(str(unit), _agent_command(tmp_path)))
+    boxed = _Agent(sandbox.wrap(str(unit), _agent_command(tmp_path, backend)))
     records = []
     try:
         assert boxed.ready, "".join(boxed.err)
+        # without CAP_NET_ADMIN the cgroup programs do not load: the reason it is in the set
+        want = "tracepoint" if backend == "tracepoint" or without == "CAP_NET_ADMIN" \
+            else "cgroup"
+        assert f"ready backend={want} " in "".join(boxed.err)
         client = lab.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           "sh", "-c", f'/usr/bin/python3 -c "{CLIENT}"; sleep 0.3'])
         assert client.returncode == 0, client.stderr
