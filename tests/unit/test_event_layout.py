@@ -83,6 +83,10 @@ def test_constants_match_header():
     assert int(defines["IMDS_EV_CLOSE"]) == kernel.EV_CLOSE
     assert int(defines["IMDS_EV_TGID_RESET"]) == kernel.EV_TGID_RESET
     assert int(defines["IMDS_F_NO_ARGV"], 0) == kernel.F_NO_ARGV
+    assert int(defines["IMDS_EV_PACKET"]) == kernel.EV_PACKET
+    from imds_tracer.sources import cgroup
+    assert int(defines["IMDS_F_INGRESS"], 0) == cgroup.F_INGRESS
+    assert int(defines["IMDS_F_OWNER_GUESSED"], 0) == cgroup.F_OWNER_GUESSED
     assert int(defines["IMDS_CNT_OUTPUT_FAILED"]) == kernel.CNT_OUTPUT_FAILED
     assert int(defines["IMDS_CNT_SENDS_TRUNCATED"]) == kernel.CNT_SENDS_TRUNCATED
     common = (kernel.BPF_DIR / "common.h").read_text()
