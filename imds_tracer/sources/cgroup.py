@@ -181,7 +181,8 @@ class CgroupSource(KernelSource):
             return
         self.stats["packets"] += 1
         pipeline = self._pipeline
-        if pipeline is None or not payload:
+        version = payload[0] >> 4 if payload else 0
+        if pipeline is None or version not in (4, 6):
             return
         info = self._conns.get(ev.conn_id)
         if info is None:
@@ -190,5 +191,5 @@ class CgroupSource(KernelSource):
             info = self._remember(ev, None)
         else:
             self._conns.move_to_end(ev.conn_id)
-        self.demux.ip_packet(payload, 0, payload[0] >> 4, self.wall_time(ev.ts_ns), pipeline,
+        self.demux.ip_packet(payload, 0, version, self.wall_time(ev.ts_ns), pipeline,
                              scope=ev.conn_id, process=self._snapshot(ev, info))
