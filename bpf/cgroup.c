@@ -176,12 +176,19 @@ static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
         __builtin_memcpy(b->ev.comm, s->comm, sizeof(b->ev.comm));
     } else {
         /* connected before the hooks were attached: the socket belongs, as far as the
-         * kernel can tell here, to the task sending on it (user space checks /proc) */
+         * kernel can tell, to the task sending on it. A received packet is handled in
+         * softirq context, where the current task is unrelated: no owner then. */
         imds_fill_task(&b->ev, IMDS_EV_PACKET);
         b->ev.cgroup_id = bpf_skb_cgroup_id(skb);
         b->ev.flags = IMDS_F_OWNER_GUESSED;
-        if (!ingress && b->ev.tgid)
+        if (ingress) {
+            b->ev.tgid = 0;
+            b->ev.tid = 0;
+            b->ev.ppid = 0;
+            b->ev.comm[0] = 0;
+        } else if (b->ev.tgid) {
             remember_sock(cookie, &b->ev, IMDS_F_OWNER_GUESSED);
+        }
     }
     if (ingress)
         b->ev.flags |= IMDS_F_INGRESS;

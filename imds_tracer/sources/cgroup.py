@@ -184,12 +184,15 @@ class CgroupSource(KernelSource):
         version = payload[0] >> 4 if payload else 0
         if pipeline is None or version not in (4, 6):
             return
-        info = self._conns.get(ev.conn_id)
-        if info is None:
-            if ev.flags & F_OWNER_GUESSED:
-                self.stats["owner_guessed"] += 1
-            info = self._remember(ev, None)
-        else:
-            self._conns.move_to_end(ev.conn_id)
+        process = None
+        if ev.tgid:   # 0: a received packet of a socket connected before the agent started
+            info = self._conns.get(ev.conn_id)
+            if info is None or info.tgid != ev.tgid:
+                if ev.flags & F_OWNER_GUESSED:
+                    self.stats["owner_guessed"] += 1
+                info = self._remember(ev, None)
+            else:
+                self._conns.move_to_end(ev.conn_id)
+            process = self._snapshot(ev, info)
         self.demux.ip_packet(payload, 0, version, self.wall_time(ev.ts_ns), pipeline,
-                             scope=ev.conn_id, process=self._snapshot(ev, info))
+                             scope=ev.conn_id, process=process)
