@@ -81,20 +81,30 @@ def _query(target: str) -> str:
     return target.split("?", 1)[1] if "?" in target else ""
 
 
+# Header-name prefixes that name a provider, strongest first.
+HEADER_PROVIDERS = (("x-aliyun-ecs-metadata-", "aliyun"), ("x-aws-ec2-metadata-", "aws"),
+                    ("x-metadata-token", "openstack"))
+_HEADER_PREFIXES = tuple(prefix for prefix, _ in HEADER_PROVIDERS)
+
+
+def _openstack(cloud: str | None) -> str:
+    return "huawei" if cloud == "huawei" else "openstack"
+
+
 def provider_of(head: RequestHead, dst_ip: str, cloud: str | None) -> str:
     """Who a request is meant for, from its address, headers and path (SPEC §2 table)."""
     by_address = ADDRESS_PROVIDERS.get(dst_ip)
     if by_address:
         return by_address
-    names = {name.lower() for name, _ in head.headers}
-    if any(n.startswith("x-aliyun-ecs-metadata-") for n in names):
-        return "aliyun"
-    if any(n.startswith("x-aws-ec2-metadata-") for n in names):
-        return "aws"
-    if any(n.startswith("x-metadata-token") for n in names) or \
-            head.path.startswith("/meta-data/latest/api/token"):
-        return "huawei" if cloud == "huawei" else "openstack"
+    names = head.first  # lowercase header names
+    named = [n for n in names if n.startswith(_HEADER_PREFIXES)]
+    if named:  # usually not: one pass over the names answered
+        for prefix, provider in HEADER_PROVIDERS:
+            if any(n.startswith(prefix) for n in named):
+                return _openstack(cloud) if provider == "openstack" else provider
     path = head.path
+    if path.startswith("/meta-data/latest/api/token"):
+        return _openstack(cloud)
     if _DO_PATH.match(path):
         return "digitalocean"
     if path == "/metadata" or path.startswith("/metadata/"):
@@ -104,7 +114,7 @@ def provider_of(head: RequestHead, dst_ip: str, cloud: str | None) -> str:
     if path.startswith("/opc/"):
         return "oci"
     if path.startswith("/openstack"):
-        return "huawei" if cloud == "huawei" else "openstack"
+        return _openstack(cloud)
     if _EC2_PATH.match(path) or path == "/":
         if cloud in ("openstack", "huawei"):
             return cloud  # the EC2-compatible API of an OpenStack cloud
@@ -176,7 +186,7 @@ def classify(exchange: Exchange, cloud: str | None = None) -> Classification:
         return Classification("unknown", "unknown", ("unparsed",), "ERROR")
     provider = provider_of(head, exchange.dst_ip, cloud)
     mode, problems = _mode_and_problems(provider, head, exchange.status, cloud)
-    problems = tuple(sorted(set(problems)))
+    problems = tuple(sorted(set(problems))) if problems else ()
     level = "WARNING" if mode == "normal" else "ERROR" if problems else "INFO"
     note = None
     if cloud and provider != "unknown" and provider != cloud and \

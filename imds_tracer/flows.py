@@ -28,7 +28,7 @@ class _Stream:
     chunked: bool = False          # passing over a chunked body: wait for its last chunk
     resync: bool = False           # lost our place: wait for a chunk that starts a message
     next_seq: int | None = None
-    held: dict = field(default_factory=dict)  # seq -> bytes, segments that came early
+    held: dict = field(default_factory=dict)  # seq -> (bytes, lost), segments that came early
     truncated: bool = False        # bytes of the message being buffered were not captured
     started: float = 0.0           # time of the first chunk of the message being buffered
 
@@ -63,13 +63,14 @@ class FlowTable:
 
     # -- input -------------------------------------------------------------------------
     def feed(self, chunk: Chunk) -> None:
-        flow = self._flows.get(chunk.flow)
+        key = chunk.flow
+        flow = self._flows.get(key)
         if flow is None:
             if not chunk.data and not chunk.lost and chunk.seq is None:
                 return
             flow = self._open(chunk)
         else:
-            self._flows.move_to_end(chunk.flow)
+            self._flows.move_to_end(key)
             flow.last_seen = chunk.ts
             if chunk.process is not None and chunk.direction is Direction.REQUEST:
                 flow.process = chunk.process  # a forked child may share the connection
@@ -77,8 +78,11 @@ class FlowTable:
             stream, consume = flow.request, self._consume_request
         else:
             stream, consume = flow.response, self._consume_response
+        if chunk.seq is None:  # a kernel source: the bytes come in order, once
+            consume(flow, key, stream, chunk.data, chunk.lost, chunk.ts)
+            return
         for data, lost in self._in_order(stream, chunk):
-            consume(flow, chunk.flow, stream, data, lost, chunk.ts)
+            consume(flow, key, stream, data, lost, chunk.ts)
 
     def close(self, key: Hashable, ts: float) -> None:
         """The connection ended: whatever it still holds is logged now."""
@@ -122,46 +126,54 @@ class FlowTable:
         return flow
 
     def _in_order(self, stream: _Stream, chunk: Chunk):
-        """Yield (data, lost) in stream order: duplicates trimmed, early segments held."""
-        if chunk.seq is None:
-            yield chunk.data, chunk.lost
-            return
+        """Yield (data, lost) in stream order: duplicates trimmed, early segments held (a
+        capture: chunks with a TCP sequence number)."""
         if stream.next_seq is None:
             stream.next_seq = chunk.seq  # the first byte, or SYN + 1 from an empty chunk
-        if not chunk.data:
+        # a segment covers its captured bytes and the `lost` ones after them (cut by the snap
+        # length or by the kernel's copy limit): both advance the stream
+        if not chunk.data and not chunk.lost:
             return
         offset = (stream.next_seq - chunk.seq) % SEQ_MOD
         if offset >= SEQ_MOD // 2:  # starts after what we expect: hold it
             if len(stream.held) < MAX_OUT_OF_ORDER:
-                stream.held[chunk.seq] = chunk.data
+                stream.held[chunk.seq] = (chunk.data, chunk.lost)
             else:
                 self._drop("out_of_order_overflow", 1)
             return
-        if offset >= len(chunk.data):
+        if offset >= len(chunk.data) + chunk.lost:
             return  # a retransmission of bytes we have
-        data = chunk.data[offset:]
-        stream.next_seq = (stream.next_seq + len(data)) % SEQ_MOD
-        yield data, 0
+        yield self._advance(stream, chunk.data, chunk.lost, offset)
         while stream.held:
             progressed = False
             for seq in list(stream.held):
-                seg = stream.held[seq]
                 offset = (stream.next_seq - seq) % SEQ_MOD
                 if offset >= SEQ_MOD // 2:
                     continue
-                del stream.held[seq]
+                data, lost = stream.held.pop(seq)
                 progressed = True
-                if offset < len(seg):
-                    stream.next_seq = (stream.next_seq + len(seg) - offset) % SEQ_MOD
-                    yield seg[offset:], 0
+                if offset < len(data) + lost:
+                    yield self._advance(stream, data, lost, offset)
             if not progressed:
                 break
 
+    @staticmethod
+    def _advance(stream: _Stream, data: bytes, lost: int, offset: int) -> tuple[bytes, int]:
+        """The part of a segment past `offset` bytes already seen; moves next_seq past it."""
+        if offset < len(data):
+            data = data[offset:]
+        else:
+            lost -= offset - len(data)
+            data = b""
+        stream.next_seq = (stream.next_seq + len(data) + lost) % SEQ_MOD
+        return data, lost
+
     def _consume_request(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                          ts: float) -> None:
-        data, lost = self._skip_body(stream, data, lost)
-        if data is None:
-            return
+        if stream.skip:
+            data, lost = self._skip_body(stream, data, lost)
+            if data is None:
+                return
         if stream.resync:
             if not http.could_start_request(data):
                 return
@@ -191,11 +203,12 @@ class FlowTable:
             del buf[:end]
             stream.truncated = False
             stream.started = ts
-            body = http.content_length(head) or 0
-            if http.is_chunked(head):
+            body, chunked = http.body_framing(head)
+            if chunked:
                 stream.resync = True  # rare for metadata clients: find the next request
                 buf.clear()
                 return
+            body = body or 0
             taken = min(body, len(buf))
             del buf[:taken]
             stream.skip = body - taken
@@ -203,9 +216,10 @@ class FlowTable:
 
     def _consume_response(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                           ts: float) -> None:
-        data, lost = self._skip_body(stream, data, lost)
-        if data is None:
-            return
+        if stream.skip:
+            data, lost = self._skip_body(stream, data, lost)
+            if data is None:
+                return
         if stream.resync or stream.chunked:
             if not data.startswith(b"HTTP/1."):
                 if stream.chunked and data.endswith(b"0\r\n\r\n"):
@@ -235,11 +249,11 @@ class FlowTable:
                 continue
             if head_request:
                 continue
-            if http.is_chunked(head):
+            body, chunked = http.body_framing(head)
+            if chunked:
                 stream.chunked = not bytes(buf).endswith(b"0\r\n\r\n")
                 buf.clear()
                 return
-            body = http.content_length(head)
             if body is None:
                 buf.clear()
                 stream.resync = True  # body runs to close, or we cannot tell: next "HTTP/"
@@ -251,10 +265,8 @@ class FlowTable:
 
     @staticmethod
     def _skip_body(stream: _Stream, data: bytes, lost: int):
-        """Pass over the rest of a body. Returns the bytes after it (None when there are
-        none) and how many uncaptured bytes follow those."""
-        if not stream.skip:
-            return data, lost
+        """Pass over the rest of a body (stream.skip > 0). Returns the bytes after it (None
+        when there are none) and how many uncaptured bytes follow those."""
         if stream.skip < len(data):
             data = data[stream.skip:]
             stream.skip = 0

@@ -23,9 +23,11 @@ _STATUS = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?:[ \r\n]|$)")
 def head_end(buf: bytes | bytearray) -> int:
     """Index just past the blank line ending a head, or -1 when it is not there yet."""
     crlf = buf.find(b"\r\n\r\n")
-    lf = buf.find(b"\n\n")
-    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
-    return min(ends) if ends else -1
+    if crlf < 0:
+        lf = buf.find(b"\n\n")
+        return lf + 2 if lf >= 0 else -1
+    lf = buf.find(b"\n\n", 0, crlf + 3)  # a bare-LF blank line ending earlier
+    return lf + 2 if lf >= 0 else crlf + 4
 
 
 def could_start_request(buf: bytes | bytearray) -> bool:
@@ -46,39 +48,43 @@ def _lines(head: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
 
 
-def _text(raw: bytes) -> str:
-    return raw[:MAX_FIELD].decode("latin-1")
+# The request parser works on text decoded as latin-1, one character per byte, so it slices
+# and bounds exactly as it would the bytes; what bytes.strip() strips, spelled out:
+_SPACE = " \t\n\r\x0b\x0c"
+_METHOD_NAMES = frozenset(m.decode("ascii") for m in METHODS)
 
 
 def parse_request_head(data: bytes) -> RequestHead | None:
     """Parse a request head (with or without its terminating blank line); None if the first
     line is not a request line."""
-    lines = _lines(bytes(data[:MAX_HEAD]))
-    first = lines[0].split(b" ")
-    first = [p for p in first if p]
-    if len(first) < 2 or first[0] not in METHODS:
+    lines = data[:MAX_HEAD].decode("latin-1").split("\n")
+    first = lines[0][:-1] if lines[0].endswith("\r") else lines[0]
+    first = [p for p in first.split(" ") if p]
+    if len(first) < 2 or first[0] not in _METHOD_NAMES:
         return None
-    if len(first) >= 3 and first[-1].startswith(b"HTTP/"):
+    if len(first) >= 3 and first[-1].startswith("HTTP/"):
         version = first[-1]
-        target = b" ".join(first[1:-1])
+        target = " ".join(first[1:-1])
     else:
-        version, target = b"", b" ".join(first[1:])
+        version, target = "", " ".join(first[1:])
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
+        if line.endswith("\r"):
+            line = line[:-1]
         if not line:
             break
-        if line[:1] in (b" ", b"\t") and headers:  # obsolete line folding
+        if line[0] in " \t" and headers:  # obsolete line folding
             name, value = headers[-1]
-            headers[-1] = (name, (value + " " + _text(line.strip()))[:MAX_FIELD])
+            headers[-1] = (name, (value + " " + line.strip(_SPACE)[:MAX_FIELD])[:MAX_FIELD])
             continue
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip():
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip(_SPACE):
             continue  # not a header line; tolerated, not kept
-        headers.append((_text(name), _text(value.strip(b" \t"))))
+        headers.append((name[:MAX_FIELD], value.strip(" \t")[:MAX_FIELD]))
         if len(headers) >= MAX_HEADERS:
             break
-    return RequestHead(method=first[0].decode("ascii"), target=_text(target),
-                       version=version[:16].decode("latin-1"), headers=tuple(headers))
+    return RequestHead(method=first[0], target=target[:MAX_FIELD], version=version[:16],
+                       headers=tuple(headers))
 
 
 def parse_status(data: bytes) -> int | None:
@@ -86,23 +92,40 @@ def parse_status(data: bytes) -> int | None:
     return int(match.group(3)) if match else None
 
 
-def content_length(head: bytes) -> int | None:
-    """Content-Length of a head (request or response); None when absent or malformed."""
-    if b"content-length" not in head.lower():
-        return None  # quick answer for most requests, same result as the loop
-    for line in _lines(head)[1:MAX_HEADERS + 1]:
-        name, sep, value = line.partition(b":")
-        if sep and name.strip().lower() == b"content-length":
-            value = value.strip()
-            return int(value) if value.isdigit() and len(value) < 16 else None
+def _first_value(low: bytes, name: bytes) -> bytes | None:
+    """Value of the first `name:` header line of a lowercased head (name lowercase). A line's
+    CR stays at the end of its value, where the callers' strip() and `in` ignore it."""
+    at = low.find(name)
+    if at < 0:
+        return None  # quick answer for most heads, same result as the scan
+    colon = at + len(name)
+    if low[at - 1:at] == b"\n" and low[colon:colon + 1] == b":" and \
+            low.count(b"\n", 0, at) <= MAX_HEADERS:
+        # the usual form, and the name's first mention: no earlier line can be a match
+        end = low.find(b"\n", colon)
+        return low[colon + 1:end] if end >= 0 else low[colon + 1:]
+    for line in _lines(low)[1:MAX_HEADERS + 1]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip() == name:
+            return value
     return None
 
 
+def body_framing(head: bytes) -> tuple[int | None, bool]:
+    """Content-Length (None when absent or malformed) and whether the body is chunked, of a
+    head (request or response), from one lowercased copy of it."""
+    low = head.lower()
+    length = _first_value(low, b"content-length")
+    if length is not None:
+        length = length.strip()
+        length = int(length) if length.isdigit() and len(length) < 16 else None
+    chunked = _first_value(low, b"transfer-encoding")
+    return length, chunked is not None and b"chunked" in chunked
+
+
+def content_length(head: bytes) -> int | None:
+    return body_framing(head)[0]
+
+
 def is_chunked(head: bytes) -> bool:
-    if b"transfer-encoding" not in head.lower():
-        return False  # quick answer for almost every head, same result as the loop
-    for line in _lines(head)[1:MAX_HEADERS + 1]:
-        name, sep, value = line.partition(b":")
-        if sep and name.strip().lower() == b"transfer-encoding":
-            return b"chunked" in value.lower()
-    return False
+    return body_framing(head)[1]

@@ -44,23 +44,29 @@ class Chunk:
     lost: int = 0            # bytes that followed `data` in this send but were not copied
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestHead:
+    """A parsed request head; read-only once made. (Not frozen: one is made per request, and
+    a frozen dataclass's __init__ costs twice as much.)"""
     method: str
     target: str              # request target as sent, query included
     version: str
     headers: tuple[tuple[str, str], ...]  # in order, names as sent
+    # lowercase name -> first value, made once: classification asks several questions of
+    # every head, and a scan lowercasing every name per question cost more than the parse
+    first: dict[str, str] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        self.first = {}
+        for name, value in self.headers:
+            self.first.setdefault(name.lower(), value)
 
     def header(self, name: str) -> str | None:
         """First value of a header, case-insensitively; None when absent."""
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        return self.first.get(name.lower())
 
     def has_header(self, name: str) -> bool:
-        return self.header(name) is not None
+        return name.lower() in self.first
 
     @property
     def path(self) -> str:

@@ -3,31 +3,36 @@
 Live capture and replay feed the same object, so a replay test exercises the agent's code.
 Drops (kernel losses, truncated payloads, full tables, failed log writes) are counted here
 and passed to every sink: metrics count them at once, the trace log summarises them.
+Log files hold their lines until the end of each poll (`tick`), `flush`, `reopen` or `close`:
+one write() per batch instead of one per request.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import Counter
+from itertools import chain
 from typing import Hashable, Iterable, Protocol
 
 from .classify import classify
 from .config import Config
-from .enrich import Enricher
+from .enrich import RECENT_TTL, Enricher
 from .flows import FlowTable
-from .model import Chunk, Exchange, ProcessInfo, RequestRecord
-from .redact import escape, redact_header, redact_raw, redact_text
+from .model import Chunk, Exchange, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
+from .redact import escape, is_plain, redact_header, redact_raw, redact_text
 
 log = logging.getLogger("imds_tracer")
 
 DROP_REPORT_INTERVAL = 10.0  # seconds between drop summaries in the trace log
+STORY_CACHE = 4096           # senders whose escaped process story is remembered
 
 
 class Sink(Protocol):
+    """Optional too: `flush()` writes what the sink holds; `count_drop(kind, n)`."""
     def emit(self, record: RequestRecord) -> None: ...
     def drops(self, counts: dict[str, int], ts: float) -> None: ...
-    def reopen(self) -> None: ...
-    def close(self) -> None: ...
+    def reopen(self) -> None: ...  # writes what it holds first
+    def close(self) -> None: ...   # writes what it holds first
 
 
 def _safe_process(info: ProcessInfo | None) -> ProcessInfo | None:
@@ -36,6 +41,23 @@ def _safe_process(info: ProcessInfo | None) -> ProcessInfo | None:
     argv = tuple(redact_text(a) for a in info.argv) if info.argv is not None else None
     return ProcessInfo(pid=info.pid, comm=escape(info.comm) if info.comm else info.comm,
                        argv=argv, exe=escape(info.exe) if info.exe else info.exe)
+
+
+def _request_fields(head: RequestHead) -> tuple[str, str, str, dict[str, str]]:
+    """Method, target, version and headers (name -> value, a repeated name's values joined),
+    secrets redacted, escaped."""
+    # one test for the usual head, all printable ASCII: then escaping would change nothing
+    text = head.method + head.target + head.version + "".join(chain.from_iterable(head.headers))
+    plain = is_plain(text)
+    headers: dict[str, str] = {}
+    for name, value in head.headers:
+        value = redact_header(name, value)
+        if not plain:
+            name, value = escape(name), escape(value)
+        headers[name] = value if name not in headers else headers[name] + ", " + value
+    if plain:
+        return head.method, head.target, head.version, headers
+    return escape(head.method), escape(head.target), escape(head.version), headers
 
 
 class Pipeline:
@@ -52,6 +74,7 @@ class Pipeline:
         self._unreported: Counter = Counter()
         self._last_drop_report = 0.0
         self._now: float | None = None  # the latest tick: capture time in replay, else wall
+        self._stories: dict[tuple, tuple] = {}  # sender -> (expires, escaped story)
         self._safe: dict[ProcessInfo, ProcessInfo] = {}  # escaping, once per process seen
 
     # -- what sources call ------------------------------------------------------------
@@ -62,10 +85,12 @@ class Pipeline:
         self.flows.close(flow, ts)
 
     def tick(self, now: float) -> None:
+        """After each poll of a source (and once a second of capture time in replay)."""
         self._now = now
         self.flows.tick(now)
         if self._unreported and now - self._last_drop_report >= DROP_REPORT_INTERVAL:
             self._report_drops(now)
+        self._write_out()
 
     def drop(self, kind: str, count: int = 1, detail: str = "") -> None:
         """Something was lost or cut: counted, told to the sinks, never silent."""
@@ -82,10 +107,12 @@ class Pipeline:
 
     def flush(self, now: float | None = None) -> None:
         self.flows.flush()
+        self._write_out()  # a log write failing now is in the summary below
         if self._unreported:
             if now is None:
                 now = self._now if self._now is not None else time.time()
             self._report_drops(now)
+            self._write_out()
 
     def close(self) -> None:
         for sink in self.sinks:
@@ -96,12 +123,39 @@ class Pipeline:
             sink.reopen()
 
     # -- internals ---------------------------------------------------------------------
+    def _write_out(self) -> None:
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
+
+    def _story(self, snap: ProcessSnapshot) -> tuple:
+        """(process, parents nearest first, container) of a sender, enriched and escaped.
+        Remembered for RECENT_TTL, the enricher's own horizon: a client making many requests
+        is described and escaped once a second, not once a request."""
+        key = (snap.pid, snap.comm, snap.ppid, snap.argv, snap.cgroup_id)
+        now = time.monotonic()
+        hit = self._stories.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        if self.enricher is not None:
+            process, parents, container = self.enricher.describe(snap)
+        else:
+            process, parents, container = ProcessInfo(snap.pid, snap.comm, snap.argv), (), None
+        story = (self._safe_process(process), tuple(map(self._safe_process, parents)),
+                 container)
+        if len(self._stories) >= STORY_CACHE:
+            self._stories.clear()
+        self._stories[key] = (now + RECENT_TTL, story)
+        return story
+
     def _safe_process(self, info: ProcessInfo | None) -> ProcessInfo | None:
+        """The escaped twin of a process: escaping once per process seen."""
         if info is None:
             return None
         safe = self._safe.get(info)
         if safe is None:
-            if len(self._safe) >= 4096:
+            if len(self._safe) >= STORY_CACHE:
                 self._safe.clear()
             safe = self._safe[info] = _safe_process(info)
         return safe
@@ -124,29 +178,17 @@ class Pipeline:
     def record(self, exchange: Exchange) -> RequestRecord:
         """Classify, enrich and redact one exchange into what the sinks print."""
         verdict = classify(exchange, self.cloud)
-        process, parents, container = (None, (), None)
         snap = exchange.process
-        if self.enricher is not None and snap is not None:
-            process, parents, container = self.enricher.describe(snap)
-        elif snap is not None:
-            process = ProcessInfo(snap.pid, snap.comm, snap.argv)
+        process, parents, container = (None, (), None) if snap is None else self._story(snap)
         head = exchange.head
-        headers = {}
-        if head is not None:
-            for name, value in head.headers:
-                key = escape(name)
-                headers[key] = escape(redact_header(name, value)) if key not in headers \
-                    else headers[key] + ", " + escape(redact_header(name, value))
+        method, path, version, headers = (None, None, None, {}) if head is None \
+            else _request_fields(head)
         return RequestRecord(
             time=exchange.ts, level=verdict.level, provider=verdict.provider,
-            mode=verdict.mode, problems=verdict.problems,
-            method=escape(head.method) if head else None,
-            path=escape(head.target) if head else None,
-            version=escape(head.version) if head else None,
-            headers=headers, dst_ip=exchange.dst_ip, dst_port=exchange.dst_port,
-            status=exchange.status, source=exchange.source,
-            process=self._safe_process(process),
-            parents=tuple(self._safe_process(p) for p in parents),
+            mode=verdict.mode, problems=verdict.problems, method=method, path=path,
+            version=version, headers=headers, dst_ip=exchange.dst_ip,
+            dst_port=exchange.dst_port, status=exchange.status, source=exchange.source,
+            process=process, parents=parents,
             uid=snap.uid if snap else None, cgroup_id=snap.cgroup_id if snap else None,
             container=container, note=verdict.note, truncated=exchange.truncated,
             raw_excerpt=redact_raw(exchange.raw) if head is None else None)

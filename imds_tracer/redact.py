@@ -47,11 +47,16 @@ def _escape_char(match: re.Match) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def is_plain(text: str) -> bool:
+    """True when escape(text) is text: printable ASCII without a backslash."""
+    return text.isascii() and text.isprintable() and "\\" not in text
+
+
 def escape(text: str, extra: str = "") -> str:
     """Printable ASCII survives; backslash, control and non-ASCII characters become \\xNN
     (\\uNNNN above 0xff), as does every character in `extra` (e.g. a field delimiter)."""
     # fast path (the usual case): printable ASCII, no backslash, no delimiter
-    if text.isascii() and text.isprintable() and "\\" not in text:
+    if is_plain(text):
         for ch in extra:
             if ch in text:
                 break

@@ -1,13 +1,18 @@
 """Append-only output files: size rotation, 0600 files, whole lines, failures counted.
 
-Shared by the trace log and the JSON-lines file. A directory removed under the agent is made
-again on the next write; a write that fails (disk full) is counted by the caller and the
-partial line it left is taken back, so the next line is never glued to half of one.
+Shared by the trace log and the JSON-lines file. Lines are queued and written by `flush()`
+(the sinks flush at the end of every poll, at reopen and at close): one write() per batch,
+not one per line, and the check that the file is still there once per batch. A directory
+removed under the agent is made again on the next flush; a write that fails (disk full) is
+counted by the caller and the partial line it left is taken back, so the next line is never
+glued to half of one.
 """
 from __future__ import annotations
 
 import errno
 import os
+
+PENDING_MAX = 256  # lines queued before add() writes them without waiting for flush()
 
 
 class RotatingFile:
@@ -27,6 +32,7 @@ class RotatingFile:
         self._size = 0
         self._broken = False     # the last write failed: reopen before the next
         self._half_line = False  # a cut line could not be taken back: start on a new line
+        self._pending: list[str] = []
         self._open()
 
     def _open(self) -> None:
@@ -46,8 +52,14 @@ class RotatingFile:
                 pass
             self._fd = None
 
-    def reopen(self) -> None:
-        """After logrotate moved the file away (SIGHUP), or after a failure."""
+    def reopen(self) -> int:
+        """After logrotate moved the file away (SIGHUP): the queued lines go to the file as it
+        was, then the path is opened anew. Returns how many lines could not be written."""
+        failed = self.flush(same_file=True)
+        self._reopen()
+        return failed
+
+    def _reopen(self) -> None:
         self._close()
         try:
             self._open()
@@ -67,28 +79,80 @@ class RotatingFile:
             os.replace(self.path, f"{self.path}.1")
         self._open()
 
+    def add(self, line: str) -> int:
+        """Queue a line for the next flush(). Returns how many lines could not be written
+        (only when the queue was full and written at once)."""
+        self._pending.append(line)
+        return self.flush() if len(self._pending) >= PENDING_MAX else 0
+
     def write(self, line: str) -> bool:
-        data = (line + "\n").encode("utf-8", "replace")
+        """Write a line now (with whatever was queued); True when all went in."""
+        return self.add(line) + self.flush() == 0
+
+    def flush(self, *, same_file: bool = False) -> int:
+        """Write the queued lines, one write() per file they go to. Returns how many could not
+        be written (also counted in `failed`): after a failure, the rest of the batch too.
+        same_file: into the open file even if it was moved away (reopen)."""
+        lines, self._pending = self._pending, []
+        if not lines:
+            return 0
+        done = 0
         try:
-            if self._broken or self._fd is None or not os.path.exists(self.path):
-                self.reopen()  # the directory or file was removed: make it again
+            if self._broken or self._fd is None or \
+                    not (same_file or os.path.exists(self.path)):
+                self._reopen()  # the directory or file was removed: make it again
                 if self._broken:
                     raise OSError(errno.EIO, "cannot reopen")
-            if self._size and self._size + len(data) > self.max_bytes:
-                self._rotate()
-            if self._half_line:
-                data = b"\n" + data
-            written = os.write(self._fd, data)
-            self._size += written
-            if written != len(data):
-                self._take_back(written)
-                raise OSError(errno.ENOSPC, "short write")
-            self._half_line = False
-            return True
+            for i, (data, count) in enumerate(self._runs(lines)):
+                if i:
+                    self._rotate()
+                written = self._write_lines(data, count)
+                done += written
+                if written != count:
+                    raise OSError(errno.ENOSPC, "short write")
         except OSError:
-            self.failed += 1
+            self.failed += len(lines) - done
             self._broken = True
-            return False
+        return len(lines) - done
+
+    def _runs(self, lines: list[str]) -> list[tuple[bytes, int]]:
+        """The lines encoded, as (bytes, number of lines) per file they go to: this one, then
+        a new one after each rotation (a line that would take the file past max_bytes starts
+        the next)."""
+        data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+        if self._size + len(data) <= self.max_bytes:
+            return [(data, len(lines))]  # the usual batch: no rotation inside it
+        runs: list[tuple[bytes, int]] = []
+        run: list[bytes] = []
+        size = self._size
+        for line in lines:
+            data = (line + "\n").encode("utf-8", "replace")
+            if size and size + len(data) > self.max_bytes:
+                runs.append((b"".join(run), len(run)))
+                run, size = [], 0
+            run.append(data)
+            size += len(data)
+        runs.append((b"".join(run), len(run)))
+        return runs
+
+    def _write_lines(self, data: bytes, lines: int) -> int:
+        """One write() of whole lines; returns how many went in. A write cut short (disk full)
+        keeps the whole lines and takes back the cut one."""
+        if not lines:
+            return 0
+        prefix = b"\n" if self._half_line else b""
+        data = prefix + data
+        written = os.write(self._fd, data)
+        self._size += written
+        if written == len(data):
+            self._half_line = False
+            return lines
+        kept = data.rfind(b"\n", 0, written) + 1
+        if kept:
+            self._half_line = False  # the prefix, if any, ended the cut line
+        if written > kept:
+            self._take_back(written - kept)
+        return data.count(b"\n", 0, kept) - (1 if prefix and kept else 0)
 
     def _take_back(self, count: int) -> None:
         """Remove the start of a line that did not fit (disk full): left there, the next line
@@ -100,4 +164,6 @@ class RotatingFile:
             self._half_line = True
 
     def close(self) -> None:
+        """Queued lines are written first (the sinks flush before, to count failures)."""
+        self.flush()
         self._close()

@@ -64,26 +64,32 @@ class JsonLinesSink:
     def emit(self, record: RequestRecord) -> None:
         line = json.dumps(to_dict(record), separators=(",", ":"))
         if self.file is not None:
-            ok = self.file.write(line)
-        else:
-            try:
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
-                ok = True
-            except (OSError, ValueError):
-                ok = False
-        if not ok and self.on_failure is not None:
-            self.on_failure(1)
+            self._count(self.file.add(line))  # written at flush()
+            return
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            self._count(1)
+
+    def _count(self, failed: int) -> None:
+        if failed and self.on_failure is not None:
+            self.on_failure(failed)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self._count(self.file.flush())
 
     def drops(self, counts: dict[str, int], ts: float) -> None:
         pass  # counted in metrics and summarised in the trace log
 
     def reopen(self) -> None:
         if self.file is not None:
-            self.file.reopen()
+            self._count(self.file.reopen())
 
     def close(self) -> None:
         if self.file is not None:
+            self.flush()
             self.file.close()
             return
         try:

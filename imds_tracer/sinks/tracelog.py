@@ -8,7 +8,8 @@ Every field from the wire or from a process is already escaped (redact.escape); 
 delimiters of this format (space in the target, ")" in argv) are escaped too, so a line
 cannot be forged and `report` can parse it back. The file rotates by size; the directory is
 0700 and the files 0600; a removed directory is recreated; a write that fails (disk full) is
-counted, and writing resumes when it can.
+counted, and writing resumes when it can. Lines are written by flush() (the pipeline's tick,
+flush), reopen() and close().
 """
 from __future__ import annotations
 
@@ -33,7 +34,17 @@ def _field(text: str, delimiters: str) -> str:
 
 
 def timestamp(ts: float) -> str:
+    second = int(ts)
+    if 0 <= ts - second < 0.999999:
+        # datetime rounds ts to the microsecond: below this it stays within `second`, whose
+        # text is made once (localtime() per line cost more than the rest of the line)
+        return _second_iso(second)
     return _local_iso(datetime.fromtimestamp(ts).replace(microsecond=0))
+
+
+@functools.lru_cache(maxsize=8)
+def _second_iso(second: int) -> str:
+    return _local_iso(datetime.fromtimestamp(second))
 
 
 @functools.lru_cache(maxsize=8)
@@ -45,10 +56,17 @@ def _local_iso(naive: datetime) -> str:
 def _proc(info: ProcessInfo | None) -> str:
     if info is None:
         return "(pid:-:- argv:-)"
-    pid = "-" if info.pid is None else str(info.pid)
-    comm = _field(info.comm or "-", " ():")
-    argv = " ".join(_field(a, ")") for a in info.argv) if info.argv else "-"
-    return f"(pid:{pid}:{comm} argv:{argv})"
+    return _proc_text(info.pid, info.comm, info.argv)
+
+
+@functools.lru_cache(maxsize=1024)
+def _proc_text(pid: int | None, comm: str | None, argv: tuple[str, ...] | None) -> str:
+    # made once per process: the same few senders and parents make most of the requests
+    # (keyed by plain values: a ProcessInfo key would cost a Python __hash__ per line)
+    pid_text = "-" if pid is None else str(pid)
+    comm = _field(comm or "-", " ():")
+    argv_text = " ".join(_field(a, ")") for a in argv) if argv else "-"
+    return f"(pid:{pid_text}:{comm} argv:{argv_text})"
 
 
 def container_text(record: RequestRecord) -> str:
@@ -60,25 +78,24 @@ def container_text(record: RequestRecord) -> str:
 
 
 def format_line(record: RequestRecord) -> str:
-    parts = [f"[{timestamp(record.time)}]", f"[{record.level}]",
-             MODE_WORDS.get(record.mode, "unknown-mode"), f"provider={record.provider}"]
+    parts = [f"[{timestamp(record.time)}] [{record.level}] "
+             f"{MODE_WORDS.get(record.mode, 'unknown-mode')} provider={record.provider}"]
     if record.problems:
         parts.append("problems=" + ",".join(record.problems))
     if record.method is not None:
-        parts.append(_field(record.method, " "))
-        parts.append(_field(record.path or "", " ") or "-")
+        parts.append(f"{_field(record.method, ' ')} {_field(record.path or '', ' ') or '-'}")
     else:
         parts.append(f"unparsed={_field(record.raw_excerpt or '', ' ')[:120] or '-'}")
     dst = f"[{record.dst_ip}]" if ":" in record.dst_ip else record.dst_ip
-    parts.append(f"dst={dst}:{record.dst_port}")
-    parts.append(f"status={record.status if record.status is not None else '-'}")
+    status = record.status if record.status is not None else "-"
+    parts.append(f"dst={dst}:{record.dst_port} status={status}")
     if record.truncated:
         parts.append("truncated")
     if record.note:
         parts.append(f"note={delimit(record.note, ' ')}")
     parts.append(_proc(record.process))
     if record.parents:
-        parts.append("called by -> " + " -> ".join(_proc(p) for p in record.parents))
+        parts.append("called by -> " + " -> ".join(map(_proc, record.parents)))
     parts.append(f"container={container_text(record)}")
     return " ".join(parts)
 
@@ -91,8 +108,14 @@ class TraceLogSink:
         self._failed_reported = 0
 
     def _write(self, line: str) -> None:
-        if not self.file.write(line) and self.on_failure is not None:
-            self.on_failure(1)
+        self._count(self.file.add(line))
+
+    def _count(self, failed: int) -> None:
+        if failed and self.on_failure is not None:
+            self.on_failure(failed)
+
+    def flush(self) -> None:
+        self._count(self.file.flush())
 
     def emit(self, record: RequestRecord) -> None:
         self._write(format_line(record))
@@ -103,7 +126,8 @@ class TraceLogSink:
                     "(see imds_tracer_lost_events_total / imds_tracer_dropped_total)")
 
     def reopen(self) -> None:
-        self.file.reopen()
+        self._count(self.file.reopen())
 
     def close(self) -> None:
+        self.flush()
         self.file.close()

@@ -72,3 +72,71 @@ def test_gone_parents_come_from_the_kernel_caches():
     _, parents, _ = Enricher(lookup=lambda pid: caches.get(pid, (None, None))).describe(snap)
     assert parents[0].pid == gone.pid and parents[0].argv == ("sh", "-c", "curl ...")
     assert parents[1].pid == os.getpid()
+
+
+def _fake_proc(root, pid, comm, ppid, start, argv):
+    d = root / str(pid)
+    d.mkdir(parents=True, exist_ok=True)
+    fields = ["S", str(ppid)] + ["0"] * 17 + [str(start)]
+    (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+
+class _Clock:
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        monkeypatch.setattr(time, "monotonic", lambda: self.now)
+
+
+def test_a_cached_parent_is_read_again_after_its_ttl(tmp_path, monkeypatch):
+    from imds_tracer.enrich import RECENT_TTL
+    clock = _Clock(monkeypatch)
+    _fake_proc(tmp_path, 100, "curl", 50, 7, ["curl", "http://169.254.169.254/"])
+    _fake_proc(tmp_path, 50, "bash", 0, 5, ["-bash"])
+    e = Enricher(parents=3, proc=str(tmp_path))
+    snap = ProcessSnapshot(pid=100, comm="curl")
+    assert [p.comm for p in e.describe(snap)[1]] == ["bash"]
+    _fake_proc(tmp_path, 50, "sh", 0, 9, ["sh", "-c", "curl"])   # the pid reused meanwhile
+    clock.now += RECENT_TTL / 2
+    assert [p.comm for p in e.describe(snap)[1]] == ["bash"]      # cached
+    clock.now += RECENT_TTL
+    parent = e.describe(snap)[1][0]
+    assert (parent.comm, parent.argv) == ("sh", ("sh", "-c", "curl"))
+
+
+def test_the_pipeline_describes_a_sender_once_per_ttl(monkeypatch):
+    from imds_tracer.config import Config
+    from imds_tracer.enrich import RECENT_TTL
+    from imds_tracer.model import Chunk, Direction, ProcessInfo
+    from imds_tracer.pipeline import Pipeline
+    clock = _Clock(monkeypatch)
+    calls = []
+
+    class CountingEnricher:
+        def describe(self, snap):
+            calls.append(snap.pid)
+            return (ProcessInfo(snap.pid, "cu\x1brl", ("curl", "-H", "Authorization: x")),
+                    (ProcessInfo(1, "init", ("/sbin/init",)),), None)
+
+    records = []
+
+    class Sink:
+        def emit(self, record):
+            records.append(record)
+
+    pipeline = Pipeline(Config(), [Sink()], enricher=CountingEnricher())
+    snap = ProcessSnapshot(pid=42, comm="curl", ppid=1)
+    for flow in range(3):
+        pipeline.feed(Chunk(flow, Direction.REQUEST, b"GET /latest/x HTTP/1.1\r\n\r\n", 0.0,
+                            "169.254.169.254", 80, "test", process=snap))
+        pipeline.close_flow(flow, 0.0)
+    assert calls == [42] and len(records) == 3
+    # escaped and redacted, and the same objects for every request of the sender
+    assert records[0].process.comm == "cu\\x1brl"
+    assert records[0].process.argv[-1] == "Authorization: <redacted>"
+    assert all(r.process is records[0].process for r in records)
+    clock.now += RECENT_TTL
+    pipeline.feed(Chunk(9, Direction.REQUEST, b"GET /latest/x HTTP/1.1\r\n\r\n", 0.0,
+                        "169.254.169.254", 80, "test", process=snap))
+    pipeline.close_flow(9, 0.0)
+    assert calls == [42, 42]

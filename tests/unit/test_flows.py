@@ -159,3 +159,29 @@ def test_status_line_alone_is_enough_when_the_head_was_not_captured():
     r.send(GET)
     r.send(OK, RESP)
     assert [s[2] for s in r.summary()] == [403, 200]
+
+
+def test_captured_segments_cut_short_still_advance_the_stream():
+    # a capture's snap length / the cgroup backend's copy limit: the response body was cut,
+    # the next response on the keep-alive connection must still be read, nothing held
+    r = Recorder()
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n"
+    r.send(GET, seq=1)
+    r.send(big + b"x" * 100, RESP, seq=500, lost=2900)
+    r.send(GET, seq=1 + len(GET))
+    r.send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", RESP,
+           seq=500 + len(big) + 3000)
+    assert r.summary() == [("GET", "/latest/meta-data/", 200), ("GET", "/latest/meta-data/", 404)]
+    assert r.drops == {}
+
+
+def test_segment_after_a_cut_one_waits_for_it_and_then_follows_it():
+    r = Recorder()
+    put = PUT[:-4].replace(b"Content-Length: 4", b"Content-Length: 1010")
+    r.send(put[:10], seq=1)
+    r.send(GET, seq=1 + len(put) + 1010)                  # early: held
+    r.send(put[10:] + b"a" * 10, seq=1 + 10, lost=1000)   # the cut one: both go through
+    r.send(OK, RESP, seq=1)
+    r.send(OK, RESP, seq=1 + len(OK))
+    assert r.summary() == [("PUT", "/latest/api/token", 200), ("GET", "/latest/meta-data/", 200)]
+    assert r.drops == {}

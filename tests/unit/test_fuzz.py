@@ -8,7 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from imds_tracer import http
@@ -80,6 +80,52 @@ def test_quick_paths_agree_with_the_line_scan(data):
         assert http.content_length(data) is None
     chunked = scan(b"transfer-encoding")
     assert http.is_chunked(data) == (chunked is not None and b"chunked" in chunked.lower())
+
+
+def _reference_parse(data: bytes):
+    """The parser's definition, on bytes (the parser itself works on latin-1 text, where
+    str.strip() would also strip \\x1c-\\x1f, \\x85 and \\xa0: it must not)."""
+    lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in data[:http.MAX_HEAD].split(b"\n")]
+    first = [p for p in lines[0].split(b" ") if p]
+    if len(first) < 2 or first[0] not in http.METHODS:
+        return None
+    if len(first) >= 3 and first[-1].startswith(b"HTTP/"):
+        version, target = first[-1], b" ".join(first[1:-1])
+    else:
+        version, target = b"", b" ".join(first[1:])
+    def text(raw: bytes) -> str:
+        return raw[:http.MAX_FIELD].decode("latin-1")
+
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and headers:
+            name, value = headers[-1]
+            headers[-1] = (name, (value + " " + text(line.strip()))[:http.MAX_FIELD])
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip():
+            continue
+        headers.append((text(name), text(value.strip(b" \t"))))
+        if len(headers) >= http.MAX_HEADERS:
+            break
+    return (first[0].decode(), text(target), version[:16].decode("latin-1"), tuple(headers))
+
+
+@FAST
+@given(any_bytes | st.lists(st.sampled_from([b"GET / HTTP/1.1", b"\r\n", b"\n", b"A:", b" ",
+                                             b"\x85", b"\xa0", b"\x1c", b"\x0b", b"\t", b"b"]),
+                            max_size=40).map(b"".join))
+@example(b"GET / HTTP/1.1\r\n\x85A: b\r\nB\xa0: c\r\n\x1c folded\xa0\r\nC: \x85d\xa0\r\n\r\n")
+def test_parser_matches_its_byte_definition(data):
+    head = http.parse_request_head(data)
+    got = head and (head.method, head.target, head.version, head.headers)
+    assert got == _reference_parse(data)
+    if head is not None:
+        for name, value in head.headers:
+            assert head.header(name.upper()) == next(v for n, v in head.headers
+                                                     if n.lower() == name.lower())
 
 
 # -- escaping ----------------------------------------------------------------------------

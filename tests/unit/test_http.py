@@ -47,3 +47,12 @@ def test_status_and_body_length():
     assert http.content_length(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n") == 12
     assert http.content_length(b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n") is None
     assert http.is_chunked(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+
+def test_header_lookup_is_the_first_value_after_folding():
+    head = http.parse_request_head(b"GET / HTTP/1.1\r\nX-A: 1\r\n more\r\nx-a: 2\r\n\r\n")
+    assert head.header("x-A") == "1 more" and head.has_header("X-A")
+    assert not head.has_header("x-b")
+    assert http.body_framing(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n") == (7, False)
+    assert http.body_framing(b"PUT / HTTP/1.1\r\ntransfer-encoding: Chunked\r\n\r\n") == \
+        (None, True)

@@ -68,8 +68,11 @@ def test_reopen_after_external_rotation(tmp_path):
     os.rename(tmp_path / "imds-trace.log", tmp_path / "imds-trace.log.1")
     sink.reopen()   # what SIGHUP does
     sink.emit(record(path="/after"))
+    sink.flush()    # what the pipeline's tick does after each poll
     assert "/after" in (tmp_path / "imds-trace.log").read_text()
     assert "/after" not in (tmp_path / "imds-trace.log.1").read_text()
+    # the line queued before the signal went to the file logrotate moved, not the new one
+    assert (tmp_path / "imds-trace.log.1").read_text().count("\n") == 1
 
 
 def test_failed_writes_are_counted(tmp_path):
@@ -78,8 +81,10 @@ def test_failed_writes_are_counted(tmp_path):
     os.close(sink.file._fd)
     sink.file._fd = os.open("/dev/full", os.O_WRONLY)
     sink.emit(record())
+    sink.flush()
     assert lost == [1] and sink.file.failed == 1
     sink.emit(record())     # reopens the real file and recovers
+    sink.flush()
     assert lost == [1]
     assert (tmp_path / "imds-trace.log").read_text().count("\n") == 1
 
@@ -123,3 +128,103 @@ def test_drop_summary_at_the_end_of_a_replay_carries_the_capture_time(tmp_path):
     pipeline.close()
     text = (tmp_path / "imds-trace.log").read_text()
     assert "agent dropped flow_table_full=3" in text and "[1970-" not in text
+
+
+# -- batched writes: lines are queued and written at flush / reopen / close -----------------
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_queued_lines_are_written_at_flush_reopen_and_close(tmp_path):
+    log = tmp_path / "imds-trace.log"
+    sink = TraceLogSink(str(tmp_path))
+    sink.emit(record(path="/one"))
+    assert _lines(log) == []                 # queued: one write() per batch
+    sink.flush()
+    assert len(_lines(log)) == 1
+    sink.emit(record(path="/two"))
+    os.rename(log, tmp_path / "moved.log")
+    sink.reopen()                            # SIGHUP: queued lines go to the moved file
+    assert "/two" in (tmp_path / "moved.log").read_text() and _lines(log) == []
+    sink.emit(record(path="/three"))
+    sink.close()                             # SIGTERM / end of replay
+    assert len(_lines(log)) == 1 and "/three" in log.read_text()
+
+
+def test_a_full_queue_is_written_without_waiting(tmp_path):
+    from imds_tracer.sinks.files import PENDING_MAX
+    f = RotatingFile(str(tmp_path), "x.log", max_bytes=1 << 20, backups=1)
+    for i in range(PENDING_MAX):
+        assert f.add(f"line {i}") == 0
+    assert len(_lines(tmp_path / "x.log")) == PENDING_MAX
+
+
+def test_a_batch_rotates_where_line_by_line_writes_would(tmp_path):
+    lines = [f"line {i:04d} " + "x" * (i % 97) for i in range(400)]
+    one, batch = tmp_path / "one", tmp_path / "batch"
+    a = RotatingFile(str(one), "t.log", max_bytes=4096, backups=3)
+    for line in lines:
+        assert a.write(line)                 # a flush per line
+    b = RotatingFile(str(batch), "t.log", max_bytes=4096, backups=3)
+    for line in lines[:150]:
+        b.add(line)
+    assert b.flush() == 0
+    for line in lines[150:]:
+        b.add(line)
+    b.close()
+    names = sorted(os.listdir(one))
+    assert names == sorted(os.listdir(batch)) == ["t.log", "t.log.1", "t.log.2", "t.log.3"]
+    for name in names:
+        assert (one / name).read_bytes() == (batch / name).read_bytes()
+        assert os.path.getsize(batch / name) <= 4096
+
+
+def test_a_write_cut_short_keeps_whole_lines_and_counts_the_rest(tmp_path, monkeypatch):
+    import imds_tracer.sinks.files as files
+    real_write = os.write
+    monkeypatch.setattr(files.os, "write", lambda fd, data: real_write(fd, data[:25]))
+    lost = []
+    sink = TraceLogSink(str(tmp_path), on_failure=lost.append)
+    for text in ("0123456789", "abcdefghij", "klmnopqrst"):
+        sink._write(text)
+    sink.flush()                             # 25 bytes: two whole lines and half a third
+    assert lost == [1] and sink.file.failed == 1
+    assert (tmp_path / "imds-trace.log").read_text() == "0123456789\nabcdefghij\n"
+    monkeypatch.setattr(files.os, "write", real_write)
+    sink._write("after")
+    sink.close()
+    assert (tmp_path / "imds-trace.log").read_text() == "0123456789\nabcdefghij\nafter\n"
+
+
+def test_the_pipeline_writes_the_log_at_each_tick_and_at_shutdown(tmp_path):
+    from imds_tracer.cli import _build
+    from imds_tracer.config import Config
+    from imds_tracer.model import Chunk, Direction
+    pipeline, _ = _build(Config(log_dir=str(tmp_path), metrics_addr=None), backend="replay",
+                         console=False, metrics_addr=None, enricher=None)
+    log = tmp_path / "imds-trace.log"
+
+    def request(flow, path):
+        pipeline.feed(Chunk(flow, Direction.REQUEST, b"GET " + path + b" HTTP/1.1\r\n\r\n",
+                            1795000000.0, "169.254.169.254", 80, "test"))
+        pipeline.feed(Chunk(flow, Direction.RESPONSE, b"HTTP/1.1 200 OK\r\n\r\n",
+                            1795000000.0, "169.254.169.254", 80, "test"))
+
+    request(1, b"/latest/one")
+    assert _lines(log) == []
+    pipeline.tick(1795000000.5)              # the end of a poll
+    assert len(_lines(log)) == 1
+    request(2, b"/latest/two")
+    pipeline.flush(1795000001.0)             # what SIGTERM does, then close
+    pipeline.close()
+    assert len(_lines(log)) == 2
+
+
+def test_timestamp_is_the_second_datetime_gives(monkeypatch):
+    from datetime import datetime
+
+    from imds_tracer.sinks.tracelog import timestamp
+    for ts in (1795000000.0, 1795000000.5, 1795000000.999998, 1795000000.9999994,
+               1795000000.9999996, 1795000001.0, 1795000001.0000001, 0.25):
+        expected = datetime.fromtimestamp(ts).replace(microsecond=0).astimezone()
+        assert timestamp(ts) == expected.isoformat(timespec="seconds"), ts
