@@ -43,6 +43,38 @@ struct imds_sock {
 };
 BPF_TABLE("lru_hash", __u64, struct imds_sock, socks, 16384);
 
+/* Per-CPU scratch events, one per nesting level. A socket program running in process context
+ * (connect, a send's egress) can be interrupted on its CPU by softirq network processing that
+ * runs these programs again (a received packet's ingress, an ACK-clocked transmit's egress):
+ * a single per-CPU buffer would be overwritten under the interrupted program's feet. A
+ * per-CPU depth counter picks the slot; nested runs finish before the one they interrupted
+ * resumes, so it behaves as a stack. */
+#define IMDS_NEST 3
+BPF_PERCPU_ARRAY(nest_depth, __u32, 1);
+BPF_ARRAY(nest_scratch, struct imds_buf, IMDS_NCPU * IMDS_NEST);
+
+static __always_inline struct imds_buf *scratch_enter(void)
+{
+    __u32 zero = 0;
+    __u32 *depth = nest_depth.lookup(&zero);
+    if (!depth || *depth >= IMDS_NEST)
+        return 0;
+    __u32 level = *depth;
+    __u32 slot = bpf_get_smp_processor_id() * IMDS_NEST + level;
+    struct imds_buf *b = nest_scratch.lookup(&slot);
+    if (b)
+        *depth = level + 1;
+    return b;
+}
+
+static __always_inline void scratch_exit(void)
+{
+    __u32 zero = 0;
+    __u32 *depth = nest_depth.lookup(&zero);
+    if (depth && *depth)
+        (*depth)--;
+}
+
 static __always_inline void remember_sock(__u64 cookie, struct imds_event *ev, __u16 flags)
 {
     struct imds_sock s = {};
@@ -61,9 +93,11 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, struct watch_ke
 {
     if (!watched.lookup(key))
         return 1;
-    struct imds_buf *b = imds_scratch();
-    if (!b)
+    struct imds_buf *b = scratch_enter();
+    if (!b) {
+        imds_count(IMDS_CNT_OUTPUT_FAILED);
         return 1;
+    }
     imds_fill_task(&b->ev, IMDS_EV_CONNECT);
     __u64 cookie = bpf_get_socket_cookie(ctx);
     b->ev.conn_id = cookie;
@@ -74,6 +108,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, struct watch_ke
     remember_sock(cookie, &b->ev, 0);
     imds_put_argv(b);
     imds_emit(ctx, b);
+    scratch_exit();
     return 1;   /* never refuse a connect */
 }
 
@@ -104,6 +139,66 @@ int imds_connect6(struct bpf_sock_addr *ctx)
     w = ctx->user_ip6[3]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[12], &w, 4);
     return on_connect(ctx, &key, IMDS_AF_INET6);
 }
+
+/* Fills the scratch event for a packet of a watched socket: owner, address, the bytes from
+ * the IP header on. Returns 0, or -1 when the bytes could not be read. */
+static __always_inline int fill_packet(struct __sk_buff *skb, struct imds_buf *b, int ingress,
+                                       __u32 family, struct watch_key *key, __u32 headers)
+{
+    __u64 cookie = bpf_get_socket_cookie(skb);
+    struct imds_sock *s = socks.lookup(&cookie);
+    if (s) {
+        b->ev.ts_ns = bpf_ktime_get_ns();
+        b->ev.cgroup_id = s->cgroup_id;
+        b->ev.tgid = s->tgid;
+        b->ev.tid = s->tid;
+        b->ev.uid = s->uid;
+        b->ev.ppid = s->ppid;
+        b->ev.kind = IMDS_EV_PACKET;
+        b->ev.flags = s->flags;
+        b->ev.payload_len = 0;
+        b->ev.lost_bytes = 0;
+        b->ev.fd_last = 0;
+        __builtin_memcpy(b->ev.comm, s->comm, sizeof(b->ev.comm));
+    } else {
+        /* connected before the hooks were attached: the socket belongs, as far as the
+         * kernel can tell, to the task sending on it. A received packet is handled in
+         * softirq context, where the current task is unrelated: no owner then. */
+        imds_fill_task(&b->ev, IMDS_EV_PACKET);
+        b->ev.cgroup_id = bpf_skb_cgroup_id(skb);
+        b->ev.flags = IMDS_F_OWNER_GUESSED;
+        if (ingress) {
+            b->ev.tgid = 0;
+            b->ev.tid = 0;
+            b->ev.ppid = 0;
+            b->ev.comm[0] = 0;
+        } else if (b->ev.tgid) {
+            remember_sock(cookie, &b->ev, IMDS_F_OWNER_GUESSED);
+        }
+    }
+    if (ingress)
+        b->ev.flags |= IMDS_F_INGRESS;
+    b->ev.conn_id = cookie;
+    b->ev.fd = 0;
+    b->ev.family = family;
+    b->ev.dport = key->port;
+    __builtin_memcpy(b->ev.daddr, key->addr, sizeof(b->ev.daddr));
+
+    __u64 limit = headers + (ingress ? IMDS_RESPONSE_BYTES : IMDS_PAYLOAD_LIMIT);
+    __u64 n = skb->len < limit ? skb->len : limit;
+    asm volatile("" : "+r"(n));
+    if (n > 2 * IMDS_PAYLOAD_CAP - 1)
+        n = 2 * IMDS_PAYLOAD_CAP - 1;
+    n &= 2 * IMDS_PAYLOAD_CAP - 1;
+    if (n == 0 || bpf_skb_load_bytes(skb, 0, b->payload, n) != 0)
+        return -1;
+    b->ev.payload_len = n;
+    b->ev.lost_bytes = skb->len - n;
+    if (!ingress && b->ev.lost_bytes)
+        imds_count(IMDS_CNT_SENDS_TRUNCATED);
+    return 0;
+}
+
 
 static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
 {
@@ -156,61 +251,16 @@ static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
     if (skb->len <= headers && !(tcp_flags & 0x07))   /* FIN 0x01, SYN 0x02, RST 0x04 */
         return 1;
 
-    struct imds_buf *b = imds_scratch();
-    if (!b)
+    struct imds_buf *b = scratch_enter();
+    if (!b) {
+        imds_count(IMDS_CNT_OUTPUT_FAILED);   /* nested too deep: lost, and counted */
         return 1;
-    __u64 cookie = bpf_get_socket_cookie(skb);
-    struct imds_sock *s = socks.lookup(&cookie);
-    if (s) {
-        b->ev.ts_ns = bpf_ktime_get_ns();
-        b->ev.cgroup_id = s->cgroup_id;
-        b->ev.tgid = s->tgid;
-        b->ev.tid = s->tid;
-        b->ev.uid = s->uid;
-        b->ev.ppid = s->ppid;
-        b->ev.kind = IMDS_EV_PACKET;
-        b->ev.flags = s->flags;
-        b->ev.payload_len = 0;
-        b->ev.lost_bytes = 0;
-        b->ev.fd_last = 0;
-        __builtin_memcpy(b->ev.comm, s->comm, sizeof(b->ev.comm));
-    } else {
-        /* connected before the hooks were attached: the socket belongs, as far as the
-         * kernel can tell, to the task sending on it. A received packet is handled in
-         * softirq context, where the current task is unrelated: no owner then. */
-        imds_fill_task(&b->ev, IMDS_EV_PACKET);
-        b->ev.cgroup_id = bpf_skb_cgroup_id(skb);
-        b->ev.flags = IMDS_F_OWNER_GUESSED;
-        if (ingress) {
-            b->ev.tgid = 0;
-            b->ev.tid = 0;
-            b->ev.ppid = 0;
-            b->ev.comm[0] = 0;
-        } else if (b->ev.tgid) {
-            remember_sock(cookie, &b->ev, IMDS_F_OWNER_GUESSED);
-        }
     }
-    if (ingress)
-        b->ev.flags |= IMDS_F_INGRESS;
-    b->ev.conn_id = cookie;
-    b->ev.fd = 0;
-    b->ev.family = family;
-    b->ev.dport = port;
-    __builtin_memcpy(b->ev.daddr, key.addr, sizeof(b->ev.daddr));
-
-    __u64 limit = headers + (ingress ? IMDS_RESPONSE_BYTES : IMDS_PAYLOAD_LIMIT);
-    __u64 n = skb->len < limit ? skb->len : limit;
-    asm volatile("" : "+r"(n));
-    if (n > 2 * IMDS_PAYLOAD_CAP - 1)
-        n = 2 * IMDS_PAYLOAD_CAP - 1;
-    n &= 2 * IMDS_PAYLOAD_CAP - 1;
-    if (n == 0 || bpf_skb_load_bytes(skb, 0, b->payload, n) != 0)
-        return 1;
-    b->ev.payload_len = n;
-    b->ev.lost_bytes = skb->len - n;
-    if (!ingress && b->ev.lost_bytes)
-        imds_count(IMDS_CNT_SENDS_TRUNCATED);
-    imds_emit(skb, b);
+    if (fill_packet(skb, b, ingress, family, &key, headers) == 0)
+        imds_emit(skb, b);
+    else
+        imds_count(IMDS_CNT_OUTPUT_FAILED);
+    scratch_exit();
     return 1;   /* never drop a packet */
 }
 

@@ -189,25 +189,34 @@ class AgentProcess:
         with self._lock:
             return "".join(self._lines)
 
-    def records(self, marker: str | None = None) -> list[dict]:
-        """The JSON records written so far, in log order (an incomplete last line is left
-        out); with `marker`, only those whose path contains it."""
-        if self.json_path is None or not self.json_path.exists():
+    def json_files(self) -> list[Path]:
+        """The JSON-lines file and its rotated backups (FILE.N), oldest first: a long run
+        rotates it (log.json_max_bytes), and a count of the current file alone would miss
+        what went into the backups."""
+        if self.json_path is None:
             return []
-        text = self.json_path.read_text(errors="replace")
-        lines = text.split("\n")
+        backups = sorted(self.json_path.parent.glob(self.json_path.name + ".*"),
+                         key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+        return [p for p in backups if p.suffix[1:].isdigit()] + \
+            ([self.json_path] if self.json_path.exists() else [])
+
+    def records(self, marker: str | None = None) -> list[dict]:
+        """The JSON records written so far, in log order, rotated files included (an
+        incomplete last line is left out); with `marker`, only those whose path contains it."""
         out = []
-        for number, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                if number == len(lines) - 1:    # still being written
+        for path in self.json_files():
+            lines = path.read_text(errors="replace").split("\n")
+            for number, line in enumerate(lines):
+                if not line.strip():
                     continue
-                raise
-            if marker is None or marker in (record.get("path") or ""):
-                out.append(record)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    if number == len(lines) - 1:    # still being written
+                        continue
+                    raise
+                if marker is None or marker in (record.get("path") or ""):
+                    out.append(record)
         return out
 
     def wait_records(self, marker: str, count: int, timeout: float = 15) -> list[dict]:
@@ -238,11 +247,12 @@ class AgentProcess:
         return of_pids()
 
     def count(self, marker: str) -> int:
-        """JSON lines containing `marker` anywhere (cheap: no parsing)."""
-        if self.json_path is None or not self.json_path.exists():
-            return 0
-        with open(self.json_path, encoding="utf-8", errors="replace") as fh:
-            return sum(1 for line in fh if marker in line)
+        """JSON lines containing `marker` anywhere, rotated files included (no parsing)."""
+        total = 0
+        for path in self.json_files():
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                total += sum(1 for line in fh if marker in line)
+        return total
 
     def metrics(self) -> str:
         """The Prometheus text it exports."""
