@@ -243,8 +243,13 @@ static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
     } else {
         return 1;
     }
-    if (proto != 6 || l3 < 20 || l3 > 60)
+    if (proto != 6 || l3 < 20 || l3 > 60) {
+        /* not UDP, so a TCP packet whose header is not where we look (IPv6 extension
+         * headers): not decoded, but counted rather than missed in silence */
+        if ((first >> 4) == 6 && proto != 17)
+            imds_count(IMDS_CNT_OUTPUT_FAILED);
         return 1;
+    }
     __u8 tcp[2] = {};
     if (bpf_skb_load_bytes(skb, l3 + 12, tcp, 2) != 0)
         return 1;
