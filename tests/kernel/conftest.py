@@ -79,3 +79,14 @@ def lab():
         skip_or_fail(f"lab unavailable: {reason}")
     with netns.Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture(scope="module")
+def module_lab():
+    """One lab for a whole module (modules whose tests share a running agent)."""
+    from tests.lab import netns
+    reason = netns.available()
+    if reason:
+        skip_or_fail(f"lab unavailable: {reason}")
+    with netns.Lab(mode="optional") as the_lab:
+        yield the_lab

@@ -18,7 +18,6 @@ import uuid
 import pytest
 
 from imds_tracer.sources.cgroup import cgroup2_root
-from tests.kernel.conftest import skip_or_fail
 from tests.lab.agent import AgentProcess
 from tests.lab.clients import READ_RESPONSE
 
@@ -27,13 +26,8 @@ PYTHON = sys.executable
 
 
 @pytest.fixture(scope="module")
-def lab():
-    from tests.lab import netns
-    reason = netns.available()
-    if reason:
-        skip_or_fail(f"lab unavailable: {reason}")
-    with netns.Lab(mode="optional") as the_lab:
-        yield the_lab
+def lab(module_lab):
+    return module_lab
 
 
 @pytest.fixture(scope="module")

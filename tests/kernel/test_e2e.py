@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from tests.kernel.conftest import skip_or_fail
 from tests.lab.agent import AgentProcess
 from tests.lab.clients import KEEPALIVE_CLIENT, READ_RESPONSE
 
@@ -30,13 +29,8 @@ TTL_ALI = "X-aliyun-ecs-metadata-token-ttl-seconds: 21600"
 
 
 @pytest.fixture(scope="module")
-def lab():
-    from tests.lab import netns
-    reason = netns.available()
-    if reason:
-        skip_or_fail(f"lab unavailable: {reason}")
-    with netns.Lab(mode="optional") as the_lab:
-        yield the_lab
+def lab(module_lab):
+    return module_lab
 
 
 BACKENDS = ["cgroup", "tracepoint"]
