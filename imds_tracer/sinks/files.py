@@ -19,15 +19,17 @@ class RotatingFile:
     """Append-only text file with size rotation, safe modes and failure counting."""
 
     def __init__(self, directory: str, name: str, max_bytes: int, backups: int, *,
-                 private_dir: bool = True):
+                 private_dir: bool = True, on_failure=None):
         """private_dir: the directory is ours (the log dir): made and kept 0700. Otherwise
-        (a --json file in any directory) it is only made when missing, never chmod'ed."""
+        (a --json file in any directory) it is only made when missing, never chmod'ed.
+        on_failure: called with the number of lines that could not be written."""
         self.directory = directory
         self.private_dir = private_dir
         self.path = os.path.join(directory, name)
         self.max_bytes = max_bytes
         self.backups = backups
         self.failed = 0          # lines that could not be written
+        self.on_failure = on_failure
         self._fd: int | None = None
         self._size = 0
         self._broken = False     # the last write failed: reopen before the next
@@ -113,6 +115,8 @@ class RotatingFile:
         except OSError:
             self.failed += len(lines) - done
             self._broken = True
+            if self.on_failure is not None:
+                self.on_failure(len(lines) - done)
         return len(lines) - done
 
     def _runs(self, lines: list[str]) -> list[tuple[bytes, int]]:

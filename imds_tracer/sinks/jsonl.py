@@ -59,33 +59,30 @@ class JsonLinesSink:
         if target != "-":
             path = os.path.abspath(target)
             self.file = RotatingFile(os.path.dirname(path), os.path.basename(path), max_bytes,
-                                     backups, private_dir=False)
+                                     backups, private_dir=False, on_failure=on_failure)
 
     def emit(self, record: RequestRecord) -> None:
         line = json.dumps(to_dict(record), separators=(",", ":"))
         if self.file is not None:
-            self._count(self.file.add(line))  # written at flush()
+            self.file.add(line)  # written at flush()
             return
         try:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
         except (OSError, ValueError):
-            self._count(1)
-
-    def _count(self, failed: int) -> None:
-        if failed and self.on_failure is not None:
-            self.on_failure(failed)
+            if self.on_failure is not None:
+                self.on_failure(1)
 
     def flush(self) -> None:
         if self.file is not None:
-            self._count(self.file.flush())
+            self.file.flush()
 
     def drops(self, counts: dict[str, int], ts: float) -> None:
         pass  # counted in metrics and summarised in the trace log
 
     def reopen(self) -> None:
         if self.file is not None:
-            self._count(self.file.reopen())
+            self.file.reopen()
 
     def close(self) -> None:
         if self.file is not None:

@@ -103,19 +103,14 @@ def format_line(record: RequestRecord) -> str:
 class TraceLogSink:
     def __init__(self, directory: str, max_bytes: int = 1024 * 1024, backups: int = 5,
                  on_failure=None):
-        self.file = RotatingFile(directory, LOG_NAME, max_bytes, backups)
-        self.on_failure = on_failure   # called with the number of lines lost
-        self._failed_reported = 0
+        # on_failure: called with the number of lines lost
+        self.file = RotatingFile(directory, LOG_NAME, max_bytes, backups, on_failure=on_failure)
 
     def _write(self, line: str) -> None:
-        self._count(self.file.add(line))
-
-    def _count(self, failed: int) -> None:
-        if failed and self.on_failure is not None:
-            self.on_failure(failed)
+        self.file.add(line)
 
     def flush(self) -> None:
-        self._count(self.file.flush())
+        self.file.flush()
 
     def emit(self, record: RequestRecord) -> None:
         self._write(format_line(record))
@@ -126,7 +121,7 @@ class TraceLogSink:
                     "(see imds_tracer_lost_events_total / imds_tracer_dropped_total)")
 
     def reopen(self) -> None:
-        self._count(self.file.reopen())
+        self.file.reopen()
 
     def close(self) -> None:
         self.flush()
