@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,14 @@ def module_lab():
         skip_or_fail(f"lab unavailable: {reason}")
     with netns.Lab(mode="optional") as the_lab:
         yield the_lab
+
+
+def run_client(lab, argv, cgroup=None, timeout=30):
+    """Run a client inside the lab to the end; it must succeed. The Popen (its pid names the
+    records it caused) with the client's stdout as `.output`."""
+    proc = lab.popen([str(a) for a in argv], cgroup=cgroup, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{argv}: {err}"
+    proc.output = out
+    return proc

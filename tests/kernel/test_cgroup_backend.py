@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from imds_tracer.sources.cgroup import cgroup2_root
+from tests.kernel.conftest import run_client
 from tests.lab.agent import AgentProcess
 from tests.lab.clients import READ_RESPONSE
 
@@ -41,12 +42,8 @@ def agent(lab, tmp_path_factory):
 
 
 def run(lab, code: str, *args) -> subprocess.Popen:
-    proc = lab.popen([PYTHON, "-c", READ_RESPONSE + code, *map(str, args)],
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    proc.output = out
-    return proc
+    """A Python client (with read_response) in the lab, run to the end."""
+    return run_client(lab, [PYTHON, "-c", READ_RESPONSE + code, *args])
 
 
 SENDFILE = r"""

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests.kernel.conftest import run_client
 from tests.lab.agent import AgentProcess
 from tests.lab.clients import KEEPALIVE_CLIENT, READ_RESPONSE
 
@@ -48,15 +49,6 @@ def agent(lab, backend, tmp_path_factory):
         yield the_agent
     finally:
         assert the_agent.stop() == 0, the_agent.stderr()[-2000:]
-
-
-def run_client(lab, argv, cgroup=None, timeout=30) -> int:
-    proc = lab.popen([str(a) for a in argv], cgroup=cgroup, stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, f"{argv}: {err}"
-    proc.output = out
-    return proc
 
 
 def one(records):

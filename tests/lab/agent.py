@@ -195,10 +195,10 @@ class AgentProcess:
         what went into the backups."""
         if self.json_path is None:
             return []
-        backups = sorted(self.json_path.parent.glob(self.json_path.name + ".*"),
-                         key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
-        return [p for p in backups if p.suffix[1:].isdigit()] + \
-            ([self.json_path] if self.json_path.exists() else [])
+        backups = [p for p in self.json_path.parent.glob(self.json_path.name + ".*")
+                   if p.suffix[1:].isdigit()]
+        backups.sort(key=lambda p: int(p.suffix[1:]), reverse=True)
+        return backups + ([self.json_path] if self.json_path.exists() else [])
 
     def records(self, marker: str | None = None) -> list[dict]:
         """The JSON records written so far, in log order, rotated files included (an

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.packaging import build_package
+
 PKG = "imds-tracer"
 SITE = Path("/usr/lib/python3/dist-packages")
 INSTALLED = [
@@ -72,12 +73,7 @@ def deb():
         _skip_or_fail(f"runtime dependencies not installed as OS packages: {' '.join(missing)}")
     if _installed(PKG):
         pytest.skip(f"{PKG} is already installed on this machine; not touching it")
-    build = subprocess.run(["sh", str(ROOT / "packaging/deb/build.sh")], capture_output=True,
-                           text=True, timeout=300, cwd=ROOT)
-    assert build.returncode == 0, build.stderr
-    path = Path(build.stdout.strip().splitlines()[-1])
-    assert path.is_file() and path.name.endswith("_all.deb")
-    yield path
+    yield build_package("deb", "_all.deb")
     # whatever happened, leave the machine clean
     subprocess.run(["dpkg", "--purge", PKG], capture_output=True, timeout=120)
 

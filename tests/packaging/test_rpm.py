@@ -3,14 +3,14 @@ it) holding the agent, real BPF sources, the unit, the config as %config(norepla
 %systemd_* scriptlets. Installing it needs an rpm-based system; that is not tested here."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.packaging import build_package
+
 
 pytestmark = pytest.mark.skipif(not shutil.which("rpmbuild"),
                                 reason="rpmbuild not installed (apt-get install rpm)")
@@ -18,12 +18,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("rpmbuild"),
 
 @pytest.fixture(scope="module")
 def rpm_file() -> Path:
-    run = subprocess.run(["sh", str(ROOT / "packaging/rpm/build.sh")], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-    path = Path(run.stdout.strip().splitlines()[-1])
-    assert path.is_file() and path.name.endswith(".noarch.rpm")
-    return path
+    return build_package("rpm", ".noarch.rpm")
 
 
 def _q(rpm: Path, *args: str) -> str:
