@@ -153,6 +153,43 @@ static __always_inline __u32 imds_copy_user(struct imds_buf *b, __u32 off, const
     return n;
 }
 
+#define IMDS_MAX_IOV 8
+
+/* Copies the first bytes of an iovec array (writev, sendmsg, readv, recvmsg): at most
+ * IMDS_MAX_IOV segments, `left` bytes, into payload[0..limit). The array itself is in user
+ * memory for a syscall's arguments and in kernel memory for an iov_iter (kprobe backend);
+ * `skip` bytes of the first segment were already consumed (iov_iter.iov_offset). Returns
+ * the number of bytes copied. */
+static __always_inline __u32 imds_copy_iovecs(struct imds_buf *b, __u64 iov, __u64 nr,
+                                              __u64 skip, __u64 left, __u32 limit,
+                                              int array_in_kernel)
+{
+    __u32 off = 0;
+    int i;
+#pragma unroll
+    for (i = 0; i < IMDS_MAX_IOV; i++) {
+        if (i >= nr || left == 0 || off >= limit)
+            break;
+        struct { __u64 base; __u64 len; } v = {};
+        const void *at = (const void *)(iov + i * 16);
+        long err = array_in_kernel ? bpf_probe_read_kernel(&v, sizeof(v), at)
+                                   : bpf_probe_read_user(&v, sizeof(v), at);
+        if (err != 0)
+            break;
+        if (i == 0 && skip) {
+            v.base += skip;
+            v.len = v.len > skip ? v.len - skip : 0;
+        }
+        __u64 seg = v.len < left ? v.len : left;
+        __u32 n = imds_copy_user(b, off, (const void *)v.base, seg, limit);
+        off += n;
+        left -= seg;
+        if (n < seg)
+            break;
+    }
+    return off;
+}
+
 /* ---- process cache: argv at exec, parent at fork --------------------------------------- */
 
 static __always_inline int imds_exec_enter(const char *const *argv)

@@ -19,7 +19,6 @@
 #include <uapi/linux/ptrace.h>
 #include "common.h"
 
-#define IMDS_MAX_IOV 8
 #define IMDS_TCP_CLOSE 7
 
 struct recv_args {
@@ -130,28 +129,10 @@ int imds_tcp_sendmsg(struct pt_regs *ctx)
     }
 #endif
     if (type == IMDS_ITER_IOVEC) {
-        __u64 iov = 0, nr = 0, left = count;
+        __u64 iov = 0, nr = 0;
         bpf_probe_read_kernel(&iov, sizeof(iov), it + IMDS_OFF_ITER_IOV);
         bpf_probe_read_kernel(&nr, sizeof(nr), it + IMDS_OFF_ITER_NR_SEGS);
-        int i;
-#pragma unroll
-        for (i = 0; i < IMDS_MAX_IOV; i++) {
-            if (i >= nr || left == 0 || off >= IMDS_PAYLOAD_LIMIT)
-                break;
-            struct { __u64 base; __u64 len; } v = {};
-            if (bpf_probe_read_kernel(&v, sizeof(v), (const void *)(iov + i * 16)) != 0)
-                break;
-            if (i == 0) {   /* iov_offset applies to the first segment */
-                v.base += skip;
-                v.len = v.len > skip ? v.len - skip : 0;
-            }
-            __u64 seg = v.len < left ? v.len : left;
-            __u32 n = imds_copy_user(b, off, (const void *)v.base, seg, IMDS_PAYLOAD_LIMIT);
-            off += n;
-            left -= seg;
-            if (n < seg)
-                break;
-        }
+        off = imds_copy_iovecs(b, iov, nr, skip, count, IMDS_PAYLOAD_LIMIT, 1);
     }
     b->ev.payload_len = off;
     b->ev.lost_bytes = count > off ? (__u32)(count - off) : 0;

@@ -11,7 +11,6 @@
  */
 #include "common.h"
 
-#define IMDS_MAX_IOV 8
 
 struct conn_val {
     __u64 conn_id;
@@ -270,24 +269,7 @@ static __always_inline int io_exit(void *ctx, long ret, __u16 kind)
     if (a.how == IO_PLAIN) {
         off = imds_copy_user(b, 0, (const void *)a.ptr, left, limit);
     } else {
-        int i;
-#pragma unroll
-        for (i = 0; i < IMDS_MAX_IOV; i++) {
-            if (i >= a.count || left == 0 || off >= limit)
-                break;
-            struct iovec_user {
-                __u64 base;
-                __u64 len;
-            } v = {};
-            if (bpf_probe_read_user(&v, sizeof(v), (const void *)(a.ptr + i * 16)) != 0)
-                break;
-            __u64 seg = v.len < left ? v.len : left;
-            __u32 n = imds_copy_user(b, off, (const void *)v.base, seg, limit);
-            off += n;
-            left -= seg;
-            if (n < seg)
-                break;
-        }
+        off = imds_copy_iovecs(b, a.ptr, a.count, 0, left, limit, 0);
     }
     b->ev.payload_len = off;
     b->ev.lost_bytes = (__u64)ret > off ? (__u32)((__u64)ret - off) : 0;
