@@ -30,6 +30,21 @@
  * of two branches into one through a computed pointer, which the verifier refuses. */
 #define IMDS_CTX_LOADED(x) asm volatile("" : "+r"(x))
 
+/* watch_key.addr from an IPv4 context field (as v4-mapped) or from the four 32-bit words of
+ * an IPv6 one (user_ip6, remote_ip6: the verifier allows only 32-bit loads of those) */
+#define IMDS_KEY_V4(key, field) do {                                                    \
+        __u32 w_ = (field); IMDS_CTX_LOADED(w_);                                        \
+        (key).addr[10] = 0xff; (key).addr[11] = 0xff;                                   \
+        __builtin_memcpy(&(key).addr[12], &w_, 4);                                      \
+    } while (0)
+#define IMDS_KEY_V6(key, words) do {                                                    \
+        __u32 w_;                                                                       \
+        w_ = (words)[0]; IMDS_CTX_LOADED(w_); __builtin_memcpy(&(key).addr[0], &w_, 4);  \
+        w_ = (words)[1]; IMDS_CTX_LOADED(w_); __builtin_memcpy(&(key).addr[4], &w_, 4);  \
+        w_ = (words)[2]; IMDS_CTX_LOADED(w_); __builtin_memcpy(&(key).addr[8], &w_, 4);  \
+        w_ = (words)[3]; IMDS_CTX_LOADED(w_); __builtin_memcpy(&(key).addr[12], &w_, 4); \
+    } while (0)
+
 /* socket cookie -> the task that connected it */
 struct imds_sock {
     __u64 cgroup_id;
@@ -115,10 +130,7 @@ static __always_inline int on_connect(struct bpf_sock_addr *ctx, struct watch_ke
 int imds_connect4(struct bpf_sock_addr *ctx)
 {
     struct watch_key key = {};
-    __u32 ip = ctx->user_ip4;
-    key.addr[10] = 0xff;
-    key.addr[11] = 0xff;
-    __builtin_memcpy(&key.addr[12], &ip, 4);
+    IMDS_KEY_V4(key, ctx->user_ip4);
     key.port = bpf_ntohs((__u16)ctx->user_port);
     if (!IMDS_PORT_MATCH(key.port))
         return 1;
@@ -128,15 +140,10 @@ int imds_connect4(struct bpf_sock_addr *ctx)
 int imds_connect6(struct bpf_sock_addr *ctx)
 {
     struct watch_key key = {};
-    __u32 w;
     key.port = bpf_ntohs((__u16)ctx->user_port);
     if (!IMDS_PORT_MATCH(key.port))
         return 1;
-    /* one 32-bit load each: the verifier allows only those on user_ip6 */
-    w = ctx->user_ip6[0]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[0], &w, 4);
-    w = ctx->user_ip6[1]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[4], &w, 4);
-    w = ctx->user_ip6[2]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[8], &w, 4);
-    w = ctx->user_ip6[3]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[12], &w, 4);
+    IMDS_KEY_V6(key, ctx->user_ip6);
     return on_connect(ctx, &key, IMDS_AF_INET6);
 }
 
@@ -209,16 +216,10 @@ static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
         return 1;
     struct watch_key key = {};
     __u32 family = skb->family;
-    __u32 w;
     if (family == IMDS_AF_INET) {
-        key.addr[10] = 0xff;
-        key.addr[11] = 0xff;
-        w = skb->remote_ip4; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[12], &w, 4);
+        IMDS_KEY_V4(key, skb->remote_ip4);
     } else if (family == IMDS_AF_INET6) {
-        w = skb->remote_ip6[0]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[0], &w, 4);
-        w = skb->remote_ip6[1]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[4], &w, 4);
-        w = skb->remote_ip6[2]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[8], &w, 4);
-        w = skb->remote_ip6[3]; IMDS_CTX_LOADED(w); __builtin_memcpy(&key.addr[12], &w, 4);
+        IMDS_KEY_V6(key, skb->remote_ip6);
     } else {
         return 1;
     }
