@@ -211,31 +211,34 @@ def check_lockdown() -> Check:
                  "from BPF", required=False)
 
 
-def choose_backend() -> tuple[str | None, list[str]]:
-    from .sources.kernel import backend_classes
-    reasons = []
-    for cls in backend_classes().values():
-        why = cls.unavailable_reason()
-        if why is None:
-            return cls.name, reasons
-        reasons.append(f"{cls.name}: {why}")
-    return None, reasons
-
-
-def dry_run(config, backend: str) -> Check:
+def dry_run(config) -> tuple[Check, str | None, list[str]]:
+    """Selects, compiles, loads and attaches the backend `run --backend auto` would use (the
+    same function run calls), then detaches it: (check, backend, backends passed over)."""
     from .sources.base import SourceError
-    from .sources.kernel import open_source
+    from .sources.kernel import select_backend
     started = time.monotonic()
     try:
-        source = open_source(config, backend)
+        source, passed_over = select_backend(config, "auto")
     except SourceError as exc:
-        return Check("dry run", False, str(exc), "see the failed checks above")
+        return Check("dry run", False, str(exc), "see the failed checks above"), None, []
     try:
         took = time.monotonic() - started
         return Check("dry run", True, f"{source.name} backend compiled, loaded and attached "
-                     f"{source.probes} probes in {took:.1f}s, then detached")
+                     f"{source.probes} probes in {took:.1f}s, then detached"), \
+            source.name, passed_over
     finally:
         source.stop()
+
+
+def guess_backend(config) -> tuple[str | None, list[str]]:
+    """Without loading: the first backend the checks that need no compile do not rule out."""
+    from .sources.base import SourceError
+    from .sources.kernel import select_backend
+    try:
+        source, passed_over = select_backend(config, "auto", load=False)
+    except SourceError:
+        return None, []
+    return source.name, passed_over
 
 
 def main(config, *, load: bool = True, out=None) -> int:
@@ -245,18 +248,23 @@ def main(config, *, load: bool = True, out=None) -> int:
     checks = [check_bpf_syscall(), check_capabilities(), check_bcc(), check_cgroup2(),
               check_tracefs(), check_syscall_tracepoints(), check_kprobes(), check_btf(),
               check_headers(), check_lockdown()]
-    backend, why_not = choose_backend()
     essentials = all(c.ok for c in checks if c.required)
-    if backend and essentials and load:
-        checks.append(dry_run(config, "auto"))
+    if essentials and load:
+        check, backend, why_not = dry_run(config)
+        checks.append(check)
+    else:
+        backend, why_not = guess_backend(config)
     for c in checks:
         mark = "ok" if c.ok else ("MISSING" if c.required else "no")
         print(f"  [{mark:>7}] {c.name}: {c.detail}", file=out)
         if not c.ok and c.fix:
             print(f"            fix: {c.fix}", file=out)
     runnable = backend is not None and all(c.ok for c in checks if c.required)
-    if runnable:
+    if runnable and load:
         print(f"backend: --backend auto would use {backend}", file=out)
+    elif runnable:
+        print(f"backend: --backend auto would try {backend} first (not loaded: the load test "
+              "may still refuse it)", file=out)
     else:
         print("backend: none can run here", file=out)
     for reason in why_not:

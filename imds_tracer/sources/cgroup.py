@@ -15,10 +15,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple, Optional
 
+from . import helpers
 from .base import SourceError
 from .btf import VMLINUX_BTF, Btf, BtfError, exec_argv_constants
 from .kernel import EV_PACKET, EventHeader, KernelSource, ringbuf_supported
@@ -37,6 +40,42 @@ HOOKS = (
     ("imds_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
     ("imds_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
 )
+
+
+# helpers each program type must be allowed to call, and the ones a packet program uses when
+# it may (a socket connected before the agent started is then attributed to its sender)
+CONNECT_HELPERS = ("get_socket_cookie", "get_current_pid_tgid", "get_current_uid_gid",
+                   "get_current_comm", "get_current_cgroup_id", "ringbuf_output")
+PACKET_HELPERS = ("get_socket_cookie", "skb_load_bytes", "skb_cgroup_id", "ringbuf_output")
+PACKET_TASK_HELPERS = ("get_current_pid_tgid", "get_current_uid_gid", "get_current_comm",
+                       "get_current_cgroup_id")
+
+
+class HookSupport(NamedTuple):
+    refused: Optional[str]       # why the hooks cannot be built on this kernel, or None
+    packet_current_task: bool    # cgroup_skb programs may ask for the current task
+
+
+@functools.lru_cache(maxsize=1)
+def hook_support() -> HookSupport:
+    """What the running kernel lets the cgroup hooks call, by load test (helpers.py)."""
+    try:
+        connect = helpers.allowed_helpers(helpers.PROG_CGROUP_SOCK_ADDR,
+                                          helpers.ATTACH_CGROUP_INET4_CONNECT,
+                                          CONNECT_HELPERS)
+        packet = helpers.allowed_helpers(helpers.PROG_CGROUP_SKB,
+                                         helpers.ATTACH_CGROUP_INET_EGRESS,
+                                         PACKET_HELPERS + PACKET_TASK_HELPERS)
+    except helpers.ProbeError:
+        # not permitted to ask: loading will fail with its own reason; build the variant
+        # every kernel accepts
+        return HookSupport(None, False)
+    refused = [f"bpf_{name} in cgroup/connect programs" for name in CONNECT_HELPERS
+               if not connect[name]]
+    refused += [f"bpf_{name} in cgroup_skb programs" for name in PACKET_HELPERS
+                if not packet[name]]
+    return HookSupport("the kernel refuses " + ", ".join(refused) if refused else None,
+                       all(packet[name] for name in PACKET_TASK_HELPERS))
 
 
 ROOT_CGROUP_INO = 1   # kernfs gives the root of the hierarchy inode 1 (its cgroup id)
@@ -116,6 +155,9 @@ class CgroupSource(KernelSource):
     def unavailable_reason(cls) -> str | None:
         if not ringbuf_supported():
             return "kernel older than 5.8 (needs BPF ring buffers and cgroup BPF links)"
+        refused = hook_support().refused
+        if refused:
+            return refused
         if cgroup2_root() is None:
             if cgroup2_mounts():
                 return ("the cgroup v2 mount shows a sub-tree, not the root of the hierarchy "
@@ -125,6 +167,12 @@ class CgroupSource(KernelSource):
 
     def _cflags(self) -> list[str]:
         flags = super()._cflags() + [f"-DIMDS_PORT_MATCH(p)={port_match(self.config.ports)}"]
+        if hook_support().packet_current_task:
+            flags.append("-DIMDS_SKB_CURRENT_TASK")
+        else:
+            log.info("cgroup backend: this kernel lets cgroup_skb programs call no "
+                     "current-task helper: requests on sockets connected before the agent "
+                     "started are logged without their process")
         try:
             constants = exec_argv_constants(Btf.load(VMLINUX_BTF))
         except BtfError as exc:
