@@ -189,12 +189,14 @@ def check_capabilities() -> Check:
 
 
 def check_bcc() -> Check:
+    from .sources.base import SourceError
+    from .sources.bcc_module import INSTALL_HINT, import_bcc
     try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return Check("BCC", False, f"not importable from {sys.executable}",
-                     "apt-get install python3-bpfcc; run from a venv made with "
-                     "--system-site-packages by the OS python")
+        bcc = import_bcc()
+    except SourceError:
+        return Check("BCC", False, f"not importable from {sys.executable}, nor found in "
+                     "another Python's site-packages", INSTALL_HINT + "; a venv needs "
+                     "--system-site-packages")
     version = getattr(bcc, "__version__", "?")
     return Check("BCC", True, f"bcc {version} ({Path(bcc.__file__).parent})")
 

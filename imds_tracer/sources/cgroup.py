@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 
 from . import helpers
 from .base import SourceError
+from .bcc_module import import_bcc
 from .btf import VMLINUX_BTF, Btf, BtfError, exec_argv_constants
 from .kernel import EV_PACKET, EventHeader, KernelSource, ringbuf_supported
 from .packets import TcpDemux
@@ -185,7 +186,7 @@ class CgroupSource(KernelSource):
         return f"no cgroup hook attached to {self.root}; see imds-tracer doctor"
 
     def _attach(self) -> int:
-        from bcc import BPF  # noqa: WPS433 - lazy on purpose
+        BPF = import_bcc().BPF
 
         try:
             cgroup_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)

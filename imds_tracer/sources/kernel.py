@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Hashable, List, NamedTuple
 
 from ..model import Chunk, Direction, ProcessSnapshot
 from .base import SourceError
+from .bcc_module import import_bcc
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -171,11 +172,7 @@ def bpf_source(filename: str, _seen: set | None = None) -> str:
 
 def load_bpf(filename: str, cflags: list[str]):
     """Compile bpf/<filename> with BCC. Raises SourceError with a one-line reason."""
-    try:
-        from bcc import BPF  # noqa: WPS433 - lazy on purpose
-    except ImportError:
-        raise SourceError("BCC is not importable (install python3-bpfcc and run from a venv "
-                          "made with --system-site-packages); see imds-tracer doctor") from None
+    BPF = import_bcc().BPF  # lazy on purpose: raises SourceError naming the package
     path = BPF_DIR / filename
     try:
         text = bpf_source(filename)
