@@ -208,11 +208,15 @@ static __always_inline int fill_packet(struct __sk_buff *skb, struct imds_buf *b
 
     __u64 limit = headers + (ingress ? IMDS_RESPONSE_BYTES : IMDS_PAYLOAD_LIMIT);
     __u64 n = skb->len < limit ? skb->len : limit;
-    asm volatile("" : "+r"(n));
+    if (n == 0)
+        return -1;
     if (n > 2 * IMDS_PAYLOAD_CAP - 1)
         n = 2 * IMDS_PAYLOAD_CAP - 1;
-    n &= 2 * IMDS_PAYLOAD_CAP - 1;
-    if (n == 0 || bpf_skb_load_bytes(skb, 0, b->payload, n) != 0)
+    asm volatile("" : "+r"(n));
+    /* 1 .. 2 * CAP, in a form the 5.10 and 6.1 verifiers bound from below too: they do not
+     * learn n != 0 from the test above, and bpf_skb_load_bytes refuses a size that may be 0 */
+    n = ((n - 1) & (2 * IMDS_PAYLOAD_CAP - 1)) + 1;
+    if (bpf_skb_load_bytes(skb, 0, b->payload, n) != 0)
         return -1;
     b->ev.payload_len = n;
     b->ev.lost_bytes = skb->len - n;

@@ -77,13 +77,21 @@ def check_bpf_syscall() -> Check:
 
 
 def check_cgroup2() -> Check:
-    from .sources.cgroup import CgroupSource, cgroup2_root
+    from .sources.cgroup import (PRIVATE_CGROUP2, CgroupSource, cgroup2_root,
+                                 hook_support)
+    why_not = CgroupSource.unavailable_reason()
+    if why_not:
+        return Check("cgroup v2", False, why_not, "the kprobe and tracepoint backends work "
+                     "without it", required=False)
     root = cgroup2_root()
-    if root:
-        return Check("cgroup v2", True, f"root of the hierarchy at {root} (the cgroup backend's "
-                     "socket hooks attach to it)", required=False)
-    return Check("cgroup v2", False, CgroupSource.unavailable_reason() or "not usable",
-                 "mount the cgroup v2 root (cgroup backend)", required=False)
+    where = (f"root of the hierarchy at {root}" if root else
+             f"none mounted (a cgroup v1 host): the cgroup backend mounts its own at "
+             f"{PRIVATE_CGROUP2} while it runs (needs CAP_SYS_ADMIN)")
+    owners = ("packets of sockets connected before the agent started are attributed to "
+              "their sender" if hook_support().packet_current_task else
+              "this kernel's cgroup_skb programs may not ask for the current task: requests "
+              "on sockets connected before the agent started are logged without a process")
+    return Check("cgroup v2", True, f"{where}; {owners}", required=False)
 
 
 def check_tracefs() -> Check:

@@ -112,6 +112,46 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
     return None
 
 
+# Where a host mounts no cgroup v2 hierarchy (cgroup v1 only: the EL8 and Alibaba Cloud
+# Linux 3 defaults), the agent mounts its own for the hooks. The v2 hierarchy exists in the
+# kernel all the same; with no controller in it every process sits in its root, so hooks
+# attached there see every socket. Unmounted when the agent stops.
+PRIVATE_CGROUP2 = Path("/run/imds-tracer/cgroup2")
+MNT_DETACH = 2
+
+
+def cgroup2_supported(filesystems: Path = Path("/proc/filesystems")) -> bool:
+    try:
+        return any(line.split()[-1:] == ["cgroup2"] for line in filesystems.read_text().splitlines())
+    except OSError:
+        return False
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount_private_cgroup2(path: Path = PRIVATE_CGROUP2) -> str:
+    """Mounts the root of the cgroup v2 hierarchy at `path`. Raises OSError."""
+    path.mkdir(parents=True, exist_ok=True)
+    if _libc().mount(b"none", str(path).encode(), b"cgroup2", 0, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    if os.stat(path).st_ino != ROOT_CGROUP_INO:   # a cgroup namespace shows its own sub-tree
+        unmount_private_cgroup2(path)
+        raise OSError(errno.EPERM, "the mount shows a sub-tree, not the root (a cgroup "
+                                   "namespace?)")
+    return str(path)
+
+
+def unmount_private_cgroup2(path: Path = PRIVATE_CGROUP2) -> None:
+    _libc().umount2(str(path).encode(), MNT_DETACH)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 _libbpf = None
 
 
@@ -146,6 +186,7 @@ class CgroupSource(KernelSource):
     def __init__(self, config):
         super().__init__(config)
         self.root = cgroup2_root()
+        self.private_mount = False
         self.demux = TcpDemux(config.addresses, config.ports, self.name,
                               max_conns=config.max_flows)
         self.exec_argv = False
@@ -163,8 +204,9 @@ class CgroupSource(KernelSource):
             if cgroup2_mounts():
                 return ("the cgroup v2 mount shows a sub-tree, not the root of the hierarchy "
                         "(a cgroup namespace?): mount the host's /sys/fs/cgroup")
-            return "no cgroup v2 hierarchy mounted (mount -t cgroup2 none /sys/fs/cgroup)"
-        return None
+            if not cgroup2_supported():
+                return "the kernel has no cgroup2 filesystem"
+        return None   # no v2 mount on a v1 host: start() mounts a private one
 
     def _cflags(self) -> list[str]:
         flags = super()._cflags() + [f"-DIMDS_PORT_MATCH(p)={port_match(self.config.ports)}"]
@@ -188,6 +230,8 @@ class CgroupSource(KernelSource):
     def _attach(self) -> int:
         BPF = import_bcc().BPF
 
+        if self.root is None:
+            self._mount_private()
         try:
             cgroup_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except (OSError, TypeError) as exc:
@@ -215,6 +259,18 @@ class CgroupSource(KernelSource):
                             "that exit early will be unknown", exc)
         return attached
 
+    def _mount_private(self) -> None:
+        try:
+            self.root = mount_private_cgroup2()
+        except OSError as exc:
+            raise SourceError(f"cgroup backend: no cgroup v2 hierarchy mounted (a cgroup v1 "
+                              f"host) and mounting one at {PRIVATE_CGROUP2} failed: "
+                              f"{exc.strerror}") from None
+        self.private_mount = True
+        log.warning("cgroup backend: no cgroup v2 hierarchy mounted (a cgroup v1 host): "
+                    "mounted one at %s for the socket hooks, every process is in its root; "
+                    "unmounted at exit", self.root)
+
     def stop(self) -> None:
         links, self._links = self._links, []
         for fd in links:   # closing the last reference to a link detaches its program
@@ -223,6 +279,9 @@ class CgroupSource(KernelSource):
             except OSError:
                 pass
         super().stop()
+        if self.private_mount:
+            self.private_mount = False
+            unmount_private_cgroup2()
 
     def handle_event(self, ev: EventHeader, payload: bytes) -> None:
         if ev.kind != EV_PACKET:
