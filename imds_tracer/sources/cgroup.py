@@ -196,7 +196,7 @@ class CgroupSource(KernelSource):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if not ringbuf_supported():
-            return "kernel older than 5.8 (needs BPF ring buffers and cgroup BPF links)"
+            return "the kernel has no BPF ring buffers (mainline 5.8)"
         refused = hook_support().refused
         if refused:
             return refused

@@ -16,7 +16,8 @@ import os
 import platform
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
-BPF_PROG_LOAD = 5
+BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
+MAP_RINGBUF = 27
 
 # enum bpf_prog_type / bpf_attach_type (uapi/linux/bpf.h)
 PROG_CGROUP_SKB, PROG_CGROUP_SOCK_ADDR = 8, 18
@@ -75,11 +76,31 @@ class ProbeError(Exception):
     """The kernel would not say (no BPF syscall, not permitted)."""
 
 
-def helper_allowed(prog_type: int, attach_type: int, helper: str) -> bool:
-    """True when the kernel lets `prog_type` programs call `helper`. Raises ProbeError."""
+def _bpf_syscall() -> int:
     nr = SYS_BPF.get(platform.machine())
     if nr is None:
         raise ProbeError(f"bpf syscall number unknown on {platform.machine()}")
+    return nr
+
+
+def ringbuf_map_supported() -> bool:
+    """Whether the kernel creates a BPF ring buffer map (mainline 5.8; distribution kernels
+    older by their number may have it backported). Raises ProbeError."""
+    attr = (ctypes.c_uint32 * 30)(MAP_RINGBUF, 0, 0, 4096)   # type, key, value, max_entries
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_bpf_syscall(), BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:
+        return False
+    raise ProbeError(f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}")
+
+
+def helper_allowed(prog_type: int, attach_type: int, helper: str) -> bool:
+    """True when the kernel lets `prog_type` programs call `helper`. Raises ProbeError."""
+    nr = _bpf_syscall()
     code = _calling(HELPERS[helper])
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
