@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since", default="14d", help="window, e.g. 14d, 12h (default 14d)")
     report.add_argument("--json", action="store_true", help="machine-readable output")
 
+    cgroup2 = sub.add_parser(
+        "cgroup2", help="mount/unmount a cgroup v2 hierarchy for the cgroup backend",
+        description="On a cgroup v1 host (no cgroup v2 mounted), 'mount' mounts the cgroup v2 "
+                    "hierarchy at /run/imds-tracer/cgroup2 for the cgroup backend's hooks, "
+                    "and does nothing where its root is mounted already; 'unmount' removes "
+                    "that mount. The systemd unit runs them before and after the agent, "
+                    "which then needs no CAP_SYS_ADMIN. Needs root.")
+    cgroup2.add_argument("action", choices=("mount", "unmount"))
+
     doctor = sub.add_parser("doctor", help="what this kernel supports and which backend runs")
     doctor.add_argument("--config", metavar="FILE")
     return parser
@@ -188,16 +197,11 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-
-
 def _can_load_bpf() -> bool:
     """Root, or the capabilities BCC needs (CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN)."""
-    try:
-        with open("/proc/self/status") as fh:
-            caps = next(int(line.split()[1], 16) for line in fh if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        return os.geteuid() == 0
+    from .sources.helpers import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_caps
+
+    caps = effective_caps()
     has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
     return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
 
@@ -259,6 +263,19 @@ def cmd_report(args) -> int:
     return EXIT_OK if render(summary, since) else EXIT_FOUND
 
 
+def cmd_cgroup2(args) -> int:
+    from .sources import cgroup
+
+    step = cgroup.mount_cgroup2_for_hooks if args.action == "mount" else \
+        cgroup.unmount_cgroup2_for_hooks
+    try:
+        print(f"imds-tracer: {step()}", file=sys.stderr)
+    except OSError as exc:
+        raise SourceError(f"cgroup2 {args.action} at {cgroup.PRIVATE_CGROUP2} failed: "
+                          f"{exc.strerror}") from None
+    return EXIT_OK
+
+
 def cmd_doctor(args) -> int:
     from .doctor import main as doctor_main
 
@@ -274,7 +291,7 @@ def main(argv=None) -> int:
             parser.print_help()
             return EXIT_ERROR
         command = {"run": cmd_run, "replay": cmd_replay, "report": cmd_report,
-                   "doctor": cmd_doctor}[args.command]
+                   "cgroup2": cmd_cgroup2, "doctor": cmd_doctor}[args.command]
         return command(args)
     except (UsageError, ConfigError, SourceError, MetricsError, ReportError) as exc:
         print(f"imds-tracer: error: {exc}", file=sys.stderr)

@@ -86,7 +86,8 @@ def check_cgroup2() -> Check:
     root = cgroup2_root()
     where = (f"root of the hierarchy at {root}" if root else
              f"none mounted (a cgroup v1 host): the cgroup backend mounts its own at "
-             f"{PRIVATE_CGROUP2} while it runs (needs CAP_SYS_ADMIN)")
+             f"{PRIVATE_CGROUP2} while it runs (this process has CAP_SYS_ADMIN; without "
+             f"it, 'imds-tracer cgroup2 mount' first)")
     owners = ("packets of sockets connected before the agent started are attributed to "
               "their sender" if hook_support().packet_current_task else
               "this kernel's cgroup_skb programs may not ask for the current task: requests "
@@ -176,17 +177,8 @@ def check_btf() -> Check:
                  f"+{argv['IMDS_MM_ARG_START_OFF']})", required=False)
 
 
-def effective_caps() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def check_capabilities() -> Check:
+    from .sources.helpers import effective_caps
     caps = effective_caps()
     have = [name for name, bit in CAPS.items() if caps >> bit & 1]
     enough = "CAP_SYS_ADMIN" in have or {"CAP_BPF", "CAP_PERFMON"} <= set(have)

@@ -113,9 +113,13 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
 
 
 # Where a host mounts no cgroup v2 hierarchy (cgroup v1 only: the EL8 and Alibaba Cloud
-# Linux 3 defaults), the agent mounts its own for the hooks. The v2 hierarchy exists in the
-# kernel all the same; with no controller in it every process sits in its root, so hooks
-# attached there see every socket. Unmounted when the agent stops.
+# Linux 3 defaults), the hooks need one mounted. The v2 hierarchy exists in the kernel all the
+# same; with no controller in it every process sits in its root, so hooks attached there see
+# every socket. Either `imds-tracer cgroup2 mount` mounts it before the agent starts (the
+# systemd unit's ExecStartPre, outside the sandbox that keeps CAP_SYS_ADMIN from the agent;
+# the agent finds it in /proc/self/mountinfo like any other) and `imds-tracer cgroup2
+# unmount` removes it after, or an agent holding CAP_SYS_ADMIN mounts it itself and unmounts
+# it when it stops.
 PRIVATE_CGROUP2 = Path("/run/imds-tracer/cgroup2")
 MNT_DETACH = 2
 
@@ -145,11 +149,36 @@ def mount_private_cgroup2(path: Path = PRIVATE_CGROUP2) -> str:
 
 
 def unmount_private_cgroup2(path: Path = PRIVATE_CGROUP2) -> None:
+    """Unmounts `path` and removes it, and its parent when that is empty."""
     _libc().umount2(str(path).encode(), MNT_DETACH)
-    try:
-        path.rmdir()
-    except OSError:
-        pass
+    for directory in (path, path.parent):
+        try:
+            directory.rmdir()
+        except OSError:
+            break
+
+
+def mount_cgroup2_for_hooks(path: Path = PRIVATE_CGROUP2) -> str:
+    """`imds-tracer cgroup2 mount`: mounts the cgroup v2 hierarchy at `path` unless its root
+    is mounted somewhere already; what it did, in one line. Raises OSError."""
+    root = cgroup2_root()
+    if root is not None:
+        return f"the root of the cgroup v2 hierarchy is mounted at {root}: nothing to do"
+    if not cgroup2_supported():
+        raise OSError(errno.ENODEV, "the kernel has no cgroup2 filesystem")
+    return (f"mounted the cgroup v2 hierarchy at {mount_private_cgroup2(path)} (no cgroup v2 "
+            f"mount on this host) for the cgroup backend's hooks")
+
+
+def unmount_cgroup2_for_hooks(path: Path = PRIVATE_CGROUP2) -> str:
+    """`imds-tracer cgroup2 unmount`: undoes `mount_cgroup2_for_hooks`; one line."""
+    if str(path) not in cgroup2_mounts():
+        return f"no cgroup v2 mount at {path}: nothing to do"
+    for _ in range(8):   # mounted more than once (e.g. a pre-start step run twice)
+        unmount_private_cgroup2(path)
+        if str(path) not in cgroup2_mounts():
+            return f"unmounted the cgroup v2 hierarchy at {path}"
+    raise OSError(errno.EBUSY, f"{path} is still mounted")
 
 
 _libbpf = None
@@ -206,6 +235,10 @@ class CgroupSource(KernelSource):
                         "(a cgroup namespace?): mount the host's /sys/fs/cgroup")
             if not cgroup2_supported():
                 return "the kernel has no cgroup2 filesystem"
+            if not helpers.effective_caps() >> helpers.CAP_SYS_ADMIN & 1:
+                return ("no cgroup v2 hierarchy mounted (a cgroup v1 host), and no "
+                        "CAP_SYS_ADMIN to mount one: run 'imds-tracer cgroup2 mount' as root "
+                        "before the agent (the systemd unit does)")
         return None   # no v2 mount on a v1 host: start() mounts a private one
 
     def _cflags(self) -> list[str]:

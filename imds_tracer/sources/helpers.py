@@ -123,6 +123,21 @@ def helper_allowed(prog_type: int, attach_type: int, helper: str) -> bool:
     return True   # refused for another reason (the probe's arguments): the helper exists
 
 
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def effective_caps() -> int:
+    """This process's effective capability mask (0 when /proc does not say)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def allowed_helpers(prog_type: int, attach_type: int, names) -> dict[str, bool]:
     """{helper: allowed} for each of `names`. Raises ProbeError."""
     return {name: helper_allowed(prog_type, attach_type, name) for name in names}
