@@ -194,3 +194,45 @@ def classify(exchange: Exchange, cloud: str | None = None) -> Classification:
         # e.g. an SDK probing every cloud's endpoint at start-up: not this VM's IMDS
         level, note = "INFO", f"{provider}-style request on a {cloud} VM"
     return Classification(provider, mode, problems, level, note)
+
+
+# What a request reads, by provider: (kind, path pattern). The first match wins; the order
+# of READ_KINDS is what breaks first when the request is refused (a credential reader stops
+# the application; a hostname lookup may not).
+READ_KINDS = ("credentials", "user-data", "identity", "other", "token")
+_EC2_READS = (
+    ("credentials", r"/meta-data/(iam/security-credentials|identity-credentials)(/|$)"),
+    ("credentials", r"/meta-data/ram/security-credentials(/|$)"),
+    ("user-data", r"/user-data(/|$)"),
+    ("identity", r"/dynamic/instance-identity(/|$)"),
+)
+_READS = {
+    "aws": _EC2_READS, "aliyun": _EC2_READS, "openstack": _EC2_READS + (
+        ("user-data", r"^/openstack/[^/]+/user_data$"),), "huawei": _EC2_READS,
+    "azure": (("credentials", r"^/metadata/identity/oauth2/token"),
+              ("user-data", r"^/metadata/instance/compute/(userData|customData)"),
+              ("identity", r"^/metadata/attested/")),
+    "gcp": (("credentials", r"^/computeMetadata/v1/instance/service-accounts/[^/]+/token"),
+            ("identity", r"^/computeMetadata/v1/instance/service-accounts/[^/]+/identity"),
+            ("user-data", r"^/computeMetadata/v1/instance/attributes/(user-data|startup-script)")),
+    "oci": (("credentials", r"^/opc/v[12]/identity/"),
+            ("user-data", r"^/opc/v[12]/instance/metadata/user_data")),
+    "ibm": (("credentials", r"^/instance_identity/v1/iam_token"),
+            ("user-data", r"^/metadata/v1/instance/initialization")),
+}
+_READS_RE = {provider: tuple((kind, re.compile(pattern)) for kind, pattern in rows)
+             for provider, rows in _READS.items()}
+
+
+def reads_of(provider: str, method: str | None, path: str | None) -> str | None:
+    """credentials, user-data, identity, token (a token PUT) or other; None when unparsed."""
+    if path is None:
+        return None
+    proto = TOKEN_PROTOCOLS.get(provider)
+    if method == "PUT" and (path.endswith("/api/token") or
+                            (proto is not None and path == proto.token_path)):
+        return "token"
+    for kind, pattern in _READS_RE.get(provider, ()):
+        if pattern.search(path):
+            return kind
+    return "other"

@@ -14,9 +14,11 @@ from collections import Counter
 from itertools import chain
 from typing import Hashable, Iterable, Protocol
 
-from .classify import classify
+from . import clients
+from .classify import classify, reads_of
 from .config import Config
 from .enrich import RECENT_TTL, Enricher
+from .fallback import FallbackTracker
 from .flows import FlowTable
 from .model import Chunk, Exchange, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
 from .redact import escape, is_plain, redact_header, redact_raw, redact_text
@@ -76,6 +78,7 @@ class Pipeline:
         self._now: float | None = None  # the latest tick: capture time in replay, else wall
         self._stories: dict[tuple, tuple] = {}  # sender -> (expires, escaped story)
         self._safe: dict[ProcessInfo, ProcessInfo] = {}  # escaping, once per process seen
+        self.fallbacks = FallbackTracker()
 
     # -- what sources call ------------------------------------------------------------
     def feed(self, chunk: Chunk) -> None:
@@ -183,6 +186,16 @@ class Pipeline:
         head = exchange.head
         method, path, version, headers = (None, None, None, {}) if head is None \
             else _request_fields(head)
+        user_agent = head.header("user-agent") if head is not None else None
+        if user_agent is not None:
+            user_agent = user_agent[:clients.UA_MAX]
+        reads = reads_of(verdict.provider, head.method, head.path) if head else None
+        sender = (container.id if container else snap.pid if snap else None, user_agent)
+        fallback = self.fallbacks.observe(sender, exchange.ts, verdict.mode, reads,
+                                          exchange.status, known_sender=sender[0] is not None)
+        client = clients.finding(user_agent, process.exe if process else None,
+                                 process.argv if process else None, verdict.provider,
+                                 verdict.mode, fallback)
         return RequestRecord(
             time=exchange.ts, level=verdict.level, provider=verdict.provider,
             mode=verdict.mode, problems=verdict.problems, method=method, path=path,
@@ -191,4 +204,6 @@ class Pipeline:
             process=process, parents=parents,
             uid=snap.uid if snap else None, cgroup_id=snap.cgroup_id if snap else None,
             container=container, note=verdict.note, truncated=exchange.truncated,
-            raw_excerpt=redact_raw(exchange.raw) if head is None else None)
+            raw_excerpt=redact_raw(exchange.raw) if head is None else None,
+            user_agent=escape(user_agent) if user_agent is not None else None,
+            client=client, reads=reads, fallback=fallback)
