@@ -40,6 +40,8 @@ class ClientRule:
     provider: str | None      # the row applies to this provider's requests only
     source: str               # a URL or document name
     note: str | None
+    hint: str | None = None   # the fix in words, where the generic advice would mislead
+    bare_headers: frozenset | None = None  # header names of a request without a User-Agent
 
 
 def load_rules(path: Path = DATA) -> tuple[ClientRule, ...]:
@@ -52,7 +54,9 @@ def load_rules(path: Path = DATA) -> tuple[ClientRule, ...]:
             ua=re.compile(row["ua"], re.IGNORECASE) if row.get("ua") else None,
             program=re.compile(row["program"]) if row.get("program") else None,
             min_hardened=row.get("min_hardened"), provider=row.get("provider"),
-            source=sources.get(row["source"], row["source"]), note=row.get("note")))
+            source=sources.get(row["source"], row["source"]), note=row.get("note"),
+            hint=row.get("hint"),
+            bare_headers=frozenset(row["bare_headers"]) if row.get("bare_headers") else None))
     return tuple(rules)
 
 
@@ -79,10 +83,23 @@ def _program_names(exe: str | None, argv: tuple[str, ...] | None) -> tuple[str, 
     return tuple(names)
 
 
+# headers left out of a bare-header fingerprint: they come and go with the request's kind
+_NOT_FINGERPRINT = ("content-length", "x-aws-ec2-metadata-", "x-aliyun-ecs-metadata-",
+                    "x-metadata-token")
+
+
+def fingerprint(header_names) -> frozenset:
+    """The header names of a request that identify a client sending no User-Agent."""
+    return frozenset(n for n in (h.lower() for h in header_names)
+                     if not n.startswith(_NOT_FINGERPRINT))
+
+
 @functools.lru_cache(maxsize=4096)
 def recognise(user_agent: str | None, exe: str | None, argv: tuple[str, ...] | None,
-              provider: str) -> tuple[ClientRule | None, str | None]:
-    """(the matching rule, the version) — the User-Agent first, then the program name."""
+              provider: str, header_names: frozenset = frozenset()
+              ) -> tuple[ClientRule | None, str | None]:
+    """(the matching rule, the version) — the User-Agent first, then the program name, then
+    (no User-Agent) the request's header names."""
     programs = _program_names(exe, argv)
     for rule in rules():
         if rule.provider is not None and rule.provider != provider:
@@ -94,6 +111,10 @@ def recognise(user_agent: str | None, exe: str | None, argv: tuple[str, ...] | N
                 return rule, version
         if rule.program is not None and any(rule.program.search(p) for p in programs):
             return rule, None
+    if user_agent is None and header_names:
+        for rule in rules():
+            if rule.bare_headers == header_names:
+                return rule, None
     return None, None
 
 
@@ -116,8 +137,9 @@ def advise(rule: ClientRule | None, version: str | None, mode: str,
 
 
 def finding(user_agent: str | None, exe: str | None, argv: tuple[str, ...] | None,
-            provider: str, mode: str, fallback: str | None) -> ClientFinding:
-    rule, version = recognise(user_agent, exe, argv, provider)
+            provider: str, mode: str, fallback: str | None,
+            header_names: frozenset = frozenset()) -> ClientFinding:
+    rule, version = recognise(user_agent, exe, argv, provider, header_names)
     return ClientFinding(name=rule.name if rule else None, version=version,
                          min_hardened=rule.min_hardened if rule else None,
                          advice=advise(rule, version, mode, fallback),
@@ -126,6 +148,8 @@ def finding(user_agent: str | None, exe: str | None, argv: tuple[str, ...] | Non
 
 def _token_names(provider: str) -> str:
     from .classify import TOKEN_PROTOCOLS
+    if provider == "oci":
+        return "read /opc/v2/ (with the bearer header OCI documents) instead of /opc/v1/"
     proto = TOKEN_PROTOCOLS.get(provider) or TOKEN_PROTOCOLS["aws"]
     return f"PUT {proto.token_path} with {proto.ttl_header}, then send {proto.token_header}"
 
@@ -136,6 +160,9 @@ def advice_text(advice: str | None, client: str | None, provider: str,
     who = client or "this client"
     if advice is None:
         return "nothing to do"
+    hint = next((r.hint for r in rules() if r.name == client and r.hint), None)
+    if hint and advice != FIX_PATH:
+        return hint
     if advice.startswith(UPGRADE):
         return f"upgrade {who} to {advice[len(UPGRADE):]} or later (it speaks hardened mode)"
     if advice == FIX_PATH:

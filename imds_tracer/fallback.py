@@ -6,8 +6,10 @@ normal-mode request that follows, within `window` seconds, a failed or unanswere
 of the same sender is not an old client: the client is capable and the path (the PUT
 response hop limit in containers, a proxy, a firewall) is what to fix. A sender that makes
 token-less requests and also succeeds with a token is "mixed": one of its code paths skips
-the token. A sender is (container or process, User-Agent): a client keeps its User-Agent
-across the PUT and the fallback, and replay has no process.
+the token. A sender is its container, else its process. Replay has no process: there the
+User-Agent stands in for it, and a token PUT without one counts for every User-Agent (real
+clients differ: aws-sdk-js v2 sends its token PUT with no User-Agent and the fallback GETs
+with one), so "mixed", an hour's claim, is not made there.
 """
 from __future__ import annotations
 
@@ -27,13 +29,18 @@ class FallbackTracker:
         self._failed_put: dict[Hashable, tuple[float, str]] = {}  # sender -> (ts, outcome)
         self._token_ok: dict[Hashable, float] = {}                 # sender -> ts
 
-    def observe(self, sender: Hashable, ts: float, mode: str, reads: str | None,
-                status: int | None, known_sender: bool = True) -> str | None:
+    def observe(self, sender: Hashable | None, user_agent: str | None, ts: float, mode: str,
+                reads: str | None, status: int | None, problems: tuple = ()) -> str | None:
         """Take one request in capture order; the diagnosis of a normal-mode one, else None.
-        `known_sender`: False when there is no process (replay): separate runs of one tool
-        look like one sender then, so "mixed" (an hour's horizon) is not claimed."""
+        `sender`: the container or process, None when unknown (replay). A token PUT with
+        problems (its own X-Forwarded-For, a bad TTL) was refused for what it sent: that is
+        no path to fix, so it does not count."""
+        known_sender = sender is not None
+        if not known_sender:
+            sender = ("user-agent", user_agent)
         if mode == "hardened":
-            if reads == "token" and (status is None or status in FALLBACK_STATUSES):
+            if reads == "token" and not problems and \
+                    (status is None or status in FALLBACK_STATUSES):
                 outcome = "unanswered" if status is None else str(status)
                 self._remember(self._failed_put, sender, (ts, outcome))
             elif status is not None and 200 <= status < 300 and reads != "token":
@@ -42,6 +49,8 @@ class FallbackTracker:
         if mode != "normal":
             return None
         failed = self._failed_put.get(sender)
+        if failed is None and not known_sender:
+            failed = self._failed_put.get(("user-agent", None))
         if failed is not None and 0 <= ts - failed[0] <= self.window:
             return "token_put_" + failed[1]
         ok = self._token_ok.get(sender) if known_sender else None

@@ -87,6 +87,9 @@ class Pipeline:
     def close_flow(self, flow: Hashable, ts: float) -> None:
         self.flows.close(flow, ts)
 
+    def client_gave_up(self, flow: Hashable, ts: float) -> None:
+        self.flows.client_gave_up(flow, ts)
+
     def tick(self, now: float) -> None:
         """After each poll of a source (and once a second of capture time in replay)."""
         self._now = now
@@ -190,12 +193,13 @@ class Pipeline:
         if user_agent is not None:
             user_agent = user_agent[:clients.UA_MAX]
         reads = reads_of(verdict.provider, head.method, head.path) if head else None
-        sender = (container.id if container else snap.pid if snap else None, user_agent)
-        fallback = self.fallbacks.observe(sender, exchange.ts, verdict.mode, reads,
-                                          exchange.status, known_sender=sender[0] is not None)
+        sender = container.id if container else snap.pid if snap else None
+        fallback = self.fallbacks.observe(sender, user_agent, exchange.ts, verdict.mode, reads,
+                                          exchange.status, verdict.problems)
         client = clients.finding(user_agent, process.exe if process else None,
                                  process.argv if process else None, verdict.provider,
-                                 verdict.mode, fallback)
+                                 verdict.mode, fallback,
+                                 clients.fingerprint(head.first) if head else frozenset())
         return RequestRecord(
             time=exchange.ts, level=verdict.level, provider=verdict.provider,
             mode=verdict.mode, problems=verdict.problems, method=method, path=path,

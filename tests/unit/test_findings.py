@@ -48,6 +48,10 @@ USER_AGENTS = [
     ("python-requests/2.31.0", "aws", "python-requests", "2.31.0", "send-token"),
     ("Python-urllib/3.11", "aws", "python-urllib", "3.11", "send-token"),
     ("Go-http-client/1.1", "aws", "go-net-http", "1.1", "send-token"),
+    ("AlibabaCloud (Linux; x86_64) Python/3.11.2 Credentials/0.3.6 TeaDSL/1", "aliyun",
+     "alibabacloud-credentials", "0.3.6", "upgrade"),
+    ("aws-sdk-nodejs/2.500.0 linux/v20.20.2", "aws", "aws-sdk-js", "2.500.0",
+     "upgrade>=2.722.0"),
     ("my-own-thing/0.1", "aws", None, None, "identify"),
 ]
 
@@ -78,6 +82,24 @@ def test_program_name_when_the_user_agent_says_nothing():
     assert (found.name, found.advice) == ("cloud-init", "upgrade>=23.2.2")
     found = clients.finding(None, "/usr/bin/curl", ("curl", "http://x"), "aws", "normal", None)
     assert (found.name, found.advice) == ("curl", "send-token")
+
+
+def test_node_without_a_user_agent_gets_the_aws_sdk_js_hint():
+    found = clients.finding(None, "/usr/bin/node", ("node", "/srv/app/server.js"), "aws",
+                            "normal", None)
+    assert found.name == "node"
+    assert "aws-sdk" in clients.advice_text(found.advice, found.name, "aws")
+
+
+def test_clients_without_a_user_agent_by_their_header_names():
+    # as captured: aws-sdk-js v3 (Node.js http) and Python's http.client
+    node = clients.fingerprint(["x-aws-ec2-metadata-token", "Host", "Connection"])
+    assert clients.finding(None, None, None, "aws", "normal", None, node).name == "node"
+    python = clients.fingerprint(["Host", "Accept-Encoding"])
+    assert clients.finding(None, None, None, "aws", "normal", None,
+                           python).name == "python-http.client"
+    other = clients.fingerprint(["Host", "Accept"])
+    assert clients.finding(None, None, None, "aws", "normal", None, other).name is None
 
 
 def test_hardened_requests_get_no_advice_and_fallback_wins():
@@ -115,22 +137,36 @@ def test_what_a_request_reads(provider, method, path, kind):
 
 def test_fallback_after_a_refused_or_unanswered_token_put():
     t = FallbackTracker(window=10)
-    assert t.observe(("c1", "ua"), 100.0, "hardened", "token", 403) is None
-    assert t.observe(("c1", "ua"), 101.0, "normal", "credentials", 200) == "token_put_403"
-    assert t.observe(("c2", "ua"), 101.0, "normal", "credentials", 200) is None  # other sender
-    t.observe(("c3", "ua"), 100.0, "hardened", "token", None)
-    assert t.observe(("c3", "ua"), 102.0, "normal", "other", 200) == "token_put_unanswered"
-    assert t.observe(("c3", "ua"), 200.0, "normal", "other", 200) is None  # window passed
-    t.observe(("c4", "ua"), 100.0, "hardened", "token", 400)  # the client's own bad TTL
-    assert t.observe(("c4", "ua"), 101.0, "normal", "other", 200) is None
+    # aws-sdk-js v2 as captured: the PUT without a User-Agent, the fallback GET with one
+    assert t.observe("c1", None, 100.0, "hardened", "token", 403) is None
+    assert t.observe("c1", "aws-sdk-nodejs/2.1693.0", 101.0, "normal", "credentials",
+                     200) == "token_put_403"
+    assert t.observe("c2", None, 101.0, "normal", "credentials", 200) is None  # other sender
+    t.observe(3, "ua", 100.0, "hardened", "token", None)
+    assert t.observe(3, "ua", 102.0, "normal", "other", 200) == "token_put_unanswered"
+    assert t.observe(3, "ua", 200.0, "normal", "other", 200) is None  # window passed
+    t.observe(4, "ua", 100.0, "hardened", "token", 400)  # the client's own bad TTL
+    assert t.observe(4, "ua", 101.0, "normal", "other", 200) is None
+    t.observe(5, "ua", 100.0, "hardened", "token", 403, ("x_forwarded_for",))  # its own XFF
+    assert t.observe(5, "ua", 101.0, "normal", "other", 200) is None
 
 
-def test_mixed_only_for_a_known_sender():
+def test_replay_matches_by_user_agent_and_claims_no_mixed():
     t = FallbackTracker()
-    t.observe((42, "ua"), 100.0, "hardened", "credentials", 200)
-    assert t.observe((42, "ua"), 150.0, "normal", "other", 200) == "mixed"
-    t.observe((None, "curl"), 100.0, "hardened", "other", 200)
-    assert t.observe((None, "curl"), 101.0, "normal", "other", 200, known_sender=False) is None
+    t.observe(None, "Botocore/1.44.8", 100.0, "hardened", "token", 405)
+    assert t.observe(None, "curl/7.88.1", 101.0, "normal", "other", 200) is None
+    assert t.observe(None, "Botocore/1.44.8", 101.0, "normal", "other", 200) == "token_put_405"
+    t.observe(None, None, 200.0, "hardened", "token", None)
+    assert t.observe(None, "aws-sdk-nodejs/2.1693.0", 201.0, "normal", "other",
+                     200) == "token_put_unanswered"
+    t.observe(None, "curl/7.88.1", 300.0, "hardened", "other", 200)
+    assert t.observe(None, "curl/7.88.1", 301.0, "normal", "other", 200) is None
+
+
+def test_mixed_for_a_known_sender():
+    t = FallbackTracker()
+    t.observe(42, "ua", 100.0, "hardened", "credentials", 200)
+    assert t.observe(42, "ua", 150.0, "normal", "other", 200) == "mixed"
 
 
 def record(**kw):
