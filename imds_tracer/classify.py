@@ -5,6 +5,7 @@ protocols of AWS, Alibaba and Huawei differ only in names, so they are one table
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,7 @@ _READS_RE = {provider: tuple((kind, re.compile(pattern)) for kind, pattern in ro
              for provider, rows in _READS.items()}
 
 
+@functools.lru_cache(maxsize=4096)
 def reads_of(provider: str, method: str | None, path: str | None) -> str | None:
     """credentials, user-data, identity, token (a token PUT) or other; None when unparsed."""
     if path is None:

@@ -136,6 +136,7 @@ def advise(rule: ClientRule | None, version: str | None, mode: str,
     return UPGRADE + rule.min_hardened
 
 
+@functools.lru_cache(maxsize=4096)
 def finding(user_agent: str | None, exe: str | None, argv: tuple[str, ...] | None,
             provider: str, mode: str, fallback: str | None,
             header_names: frozenset = frozenset()) -> ClientFinding:

@@ -211,7 +211,8 @@ class Pipeline:
         client = clients.finding(user_agent, process.exe if process else None,
                                  process.argv if process else None, verdict.provider,
                                  verdict.mode, fallback,
-                                 clients.fingerprint(head.first) if head else frozenset())
+                                 clients.fingerprint(head.first) if head and user_agent is None
+                                 else frozenset())
         return RequestRecord(
             time=exchange.ts, level=verdict.level, provider=verdict.provider,
             mode=verdict.mode, problems=verdict.problems, method=method, path=path,
