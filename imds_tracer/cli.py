@@ -13,6 +13,7 @@ from . import __version__
 from .classify import detect_cloud
 from .config import BACKENDS, CLOUDS, Config, ConfigError, load, override, parse_metrics_addr
 from .enrich import Enricher
+from .owner import OwnerResolver
 from .pipeline import Pipeline
 from .report import ReportError
 from .sinks.console import ConsoleSink
@@ -211,7 +212,7 @@ def cmd_run(args) -> int:
     config = _config(args)
     # outputs first: a taken metrics port or an unwritable log dir fails before the
     # seconds BCC takes to compile
-    enricher = Enricher(parents=config.parents)
+    enricher = Enricher(parents=config.parents, owners=OwnerResolver())
     pipeline, metrics = _build(config, backend=config.backend, console=config.console,
                                metrics_addr=config.metrics_addr, enricher=enricher)
     try:

@@ -45,6 +45,9 @@ class _Flow:
     pending: deque = field(default_factory=deque)  # [Exchange, emitted?]
 
 
+GAVE_UP_AFTER = 0.2  # seconds between a request and the client's FIN that mean "timed out"
+
+
 class FlowTable:
     """Reassembles chunks. Finished exchanges go to `emit`; losses go to `drop(kind, n)`."""
 
@@ -89,6 +92,20 @@ class FlowTable:
         flow = self._flows.pop(key, None)
         if flow is not None:
             self._finish(key, flow)
+
+    def client_gave_up(self, key: Hashable, ts: float) -> None:
+        """The client closed its side (FIN) while requests wait for an answer: one it waited
+        GAVE_UP_AFTER for is logged now as unanswered (the client timed out; what it does
+        next, e.g. a token-less fallback, must come after it in the log). A response that
+        still comes is counted like one after `response_wait`. A client half-closing right
+        after sending (shutdown(SHUT_WR)) keeps waiting for its answer."""
+        flow = self._flows.get(key)
+        if flow is None:
+            return
+        for entry in flow.pending:
+            if not entry[1] and ts - entry[0].ts >= GAVE_UP_AFTER:
+                entry[1] = True
+                self._emit(entry[0])
 
     def tick(self, now: float) -> None:
         """Log requests whose response did not come in time; forget idle connections."""

@@ -1,4 +1,6 @@
-"""`imds-tracer report`: the offenders in the trace logs, and whether hardened-only mode can
+"""`imds-tracer report`: the work list of the trace logs -- one row per owner (systemd unit,
+container or pod, else executable) and client, with the client's version, the fix, the
+fallback diagnosis and what it reads, most urgent first -- and whether hardened-only mode can
 be enforced. Exit 0: no normal-mode request in the window; 1: some; 2: error."""
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from .classify import READ_KINDS
+from .clients import advice_text
 from .sinks.tracelog import LOG_NAME
 
 RECOMMENDED_DAYS = 14   # what the Alibaba and AWS docs advise watching before enforcing
@@ -20,7 +24,8 @@ _LINE = re.compile(
     r"(?:problems=(?P<problems>\S+) )?(?:unparsed=\S+|(?P<method>\S+) (?P<path>\S+)) "
     r"dst=(?P<dst>\S+) status=(?P<status>\S+) (?:truncated )?(?:note=\S+ )?"
     r"\(pid:(?P<pid>[^:]*):(?P<comm>\S*) argv:(?P<argv>.*?)\)(?: called by -> .*)? "
-    r"container=(?P<container>\S+)$")
+    r'container=(?P<container>\S+)(?P<findings>(?: [a-z0-9_]+=[^\s"]\S*)*)'
+    r'(?: ua="(?P<ua>[^"]*)")?$')
 _DROP = re.compile(r"^\[(?P<time>[^\]]+)\] \[ERROR\] agent dropped (?P<what>.*?) \(")
 _SINCE = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -39,21 +44,62 @@ def parse_since(text: str) -> timedelta:
 
 @dataclass
 class Offender:
-    executable: str
-    argv: str
-    container: str
+    """One row of the work list: an owner and the client it runs."""
+    owner: str        # unit:foo.service, pod:ns/pod/container, container:name, exe:curl
+    client: str       # name/version as the trace line says, or "unknown"
     provider: str
+    executable: str = ""
+    argv: str = ""
+    container: str = "-"
+    advice: str | None = None
+    fallback: str | None = None
+    reads: str = "other"   # the most urgent kind read (READ_KINDS order)
+    package: str | None = None
+    user_agent: str | None = None
     count: int = 0
     first: datetime | None = None
     last: datetime | None = None
     succeeded: int = 0   # the service answered 2xx: these break under hardened-only mode
 
-    def see(self, when: datetime, status: str) -> None:
+    def see(self, when: datetime, status: str, fields: dict) -> None:
         self.count += 1
         self.first = when if self.first is None or when < self.first else self.first
         self.last = when if self.last is None or when > self.last else self.last
         if status.isdigit() and 200 <= int(status) < 300:
             self.succeeded += 1
+        reads = fields.get("reads", "other")
+        if READ_KINDS.index(reads if reads in READ_KINDS else "other") < \
+                READ_KINDS.index(self.reads):
+            self.reads = reads
+        # a fallback seen once explains the row (the client is capable)
+        if fields.get("fallback", "").startswith("token_put_") or self.fallback is None:
+            self.fallback = fields.get("fallback", self.fallback)
+            self.advice = fields.get("advice", self.advice)
+
+    @property
+    def fix(self) -> str:
+        name = self.client.split("/", 1)[0]
+        return advice_text(self.advice, None if name == "unknown" else name, self.provider,
+                           self.fallback)
+
+    def urgency(self) -> tuple:
+        """What breaks first under hardened-only mode: credential readers, then requests
+        that succeed today, then the busiest."""
+        return (READ_KINDS.index(self.reads), -self.succeeded, -self.count, self.owner)
+
+
+def owner_of(fields: dict, container: str, executable: str) -> str:
+    """The row's owner, most specific first; never guessed from nothing."""
+    if fields.get("k8s_pod"):
+        return "pod:" + "/".join(fields.get(k, "-") for k in ("k8s_ns", "k8s_pod",
+                                                               "k8s_container"))
+    if fields.get("cname"):
+        return "container:" + fields["cname"]
+    if container != "-":
+        return "container:" + container
+    if fields.get("unit"):
+        return "unit:" + fields["unit"]
+    return "exe:" + executable
 
 
 @dataclass
@@ -135,11 +181,20 @@ def _take(summary: Summary, line: str, start: datetime) -> None:
     argv = match.group("argv")
     first_arg = argv.split(" ", 1)[0] if argv != "-" else match.group("comm")
     executable = os.path.basename(first_arg) or first_arg
-    key = (executable, argv, match.group("container"), match.group("provider"))
+    fields = dict(item.partition("=")[::2] for item in match.group("findings").split())
+    container = match.group("container")
+    client = fields.get("client", "unknown")
+    key = (owner_of(fields, container, executable), client, match.group("provider"))
     offender = summary.offenders.get(key)
     if offender is None:
-        offender = summary.offenders[key] = Offender(*key)
-    offender.see(when, match.group("status"))
+        offender = summary.offenders[key] = Offender(
+            *key, executable=executable, argv=argv, container=container,
+            package=fields.get("pkg"), user_agent=match.group("ua"))
+    offender.see(when, match.group("status"), fields)
+
+
+def work_list(summary: Summary) -> list:
+    return sorted(summary.offenders.values(), key=Offender.urgency)
 
 
 def _ago(delta: timedelta) -> str:
@@ -187,12 +242,19 @@ def render_text(summary: Summary, since: timedelta, out=sys.stdout) -> bool:
     print(f"imds-tracer report: {summary.files} log file(s), window {_ago(since)}, "
           f"{total} request(s) from {_fmt(summary.first)} to {_fmt(summary.last)}", file=out)
     if summary.offenders:
-        rows = sorted(summary.offenders.values(), key=lambda o: (-o.count, o.executable))
-        print(f"{'COUNT':>7} {'OK':>7}  {'FIRST SEEN':25} {'LAST SEEN':25} {'PROVIDER':8} "
-              f"{'CONTAINER':20} {'EXECUTABLE':16} ARGV", file=out)
-        for o in rows:
-            print(f"{o.count:>7} {o.succeeded:>7}  {_fmt(o.first):25} {_fmt(o.last):25} "
-                  f"{o.provider:8} {o.container:20} {o.executable:16} {o.argv}", file=out)
+        print("work list (most urgent first):", file=out)
+        for n, o in enumerate(work_list(summary), 1):
+            print(f"{n:>3}. {o.owner}  client={o.client}  reads={o.reads}  provider="
+                  f"{o.provider}  requests={o.count} succeeded={o.succeeded}  "
+                  f"{_fmt(o.first)} .. {_fmt(o.last)}", file=out)
+            print(f"     fix: {o.fix}" + (f" [fallback={o.fallback}]" if o.fallback else ""),
+                  file=out)
+            detail = f"     argv: {o.argv}"
+            if o.package:
+                detail += f"  package: {o.package}"
+            if o.user_agent:
+                detail += f"  user-agent: {o.user_agent}"
+            print(detail, file=out)
     levels = ", ".join(f"{k} {v}" for k, v in sorted(summary.levels.items())) or "none"
     print(f"requests by level: {levels}", file=out)
     for note in notes:
@@ -202,7 +264,6 @@ def render_text(summary: Summary, since: timedelta, out=sys.stdout) -> bool:
 
 def render_json(summary: Summary, since: timedelta, out=sys.stdout) -> bool:
     safe, notes = verdict(summary, since)
-    rows = sorted(summary.offenders.values(), key=lambda o: (-o.count, o.executable))
     json.dump({
         "safe_to_enforce": safe,
         "window_seconds": int(since.total_seconds()),
@@ -210,9 +271,13 @@ def render_json(summary: Summary, since: timedelta, out=sys.stdout) -> bool:
         "requests_by_level": summary.levels,
         "normal_mode_requests": summary.normal_requests,
         "drops": summary.drops,
-        "offenders": [{"executable": o.executable, "argv": o.argv, "container": o.container,
+        "offenders": [{"owner": o.owner, "client": o.client, "advice": o.advice,
+                       "fix": o.fix, "fallback": o.fallback, "reads": o.reads,
+                       "executable": o.executable, "argv": o.argv, "container": o.container,
+                       "package": o.package, "user_agent": o.user_agent,
                        "provider": o.provider, "count": o.count, "succeeded": o.succeeded,
-                       "first_seen": _fmt(o.first), "last_seen": _fmt(o.last)} for o in rows],
+                       "first_seen": _fmt(o.first), "last_seen": _fmt(o.last)}
+                      for o in work_list(summary)],
         "notes": notes,
     }, out, indent=2)
     out.write("\n")
