@@ -23,6 +23,7 @@ from .sources.base import SourceError
 
 log = logging.getLogger("imds_tracer")
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+NO_ROTATION = sys.maxsize  # a size limit no file reaches
 
 
 class UsageError(Exception):
@@ -139,8 +140,9 @@ def _build(config: Config, *, backend: str, console: bool, metrics_addr: str | N
 def cmd_replay(args) -> int:
     from .sources.replay import PcapReplay
 
-    config = _config(args)
-    # the trace log (and --json) are the output: no per-request console lines
+    # the trace log (and --json) are the output: no per-request console lines, and no size
+    # rotation, which would move records of the capture out of the file the user named
+    config = override(_config(args), log_max_bytes=NO_ROTATION, json_max_bytes=NO_ROTATION)
     pipeline, metrics = _build(config, backend="replay", console=False,
                                metrics_addr=config.metrics_addr if args.metrics_addr else None,
                                enricher=None)
