@@ -302,6 +302,37 @@ def test_burst_beyond_the_ring_buffer_is_counted_and_survived(lab, agents):
     assert agent.stop() == 0
 
 
+def test_a_connection_that_overflowed_the_ring_buffer_is_still_watched(lab, agents):
+    # issue 10: a burst on one keep-alive connection overflows the smallest ring buffer; the
+    # normal-mode requests the same connection sends seconds later must still be logged
+    agent = agents(config="perf_pages = 8\n").start()
+    marker = "fault-resync-" + secrets.token_hex(4)
+    client = (f"import socket, time; s = socket.create_connection(('{AWS_IP}', {SILENT_PORT}))\n"
+              "req = b'GET /latest/meta-data/flood HTTP/1.1\\r\\nX-Pad: ' + b'a' * 3000 "
+              "+ b'\\r\\n\\r\\n'\n"
+              "for _ in range(30000):\n    s.sendall(req)\n"
+              "print('FLOODED', flush=True); time.sleep(4)\n"
+              "for i in range(3):\n"
+              f"    s.sendall(b'GET /latest/meta-data/{marker}-%d HTTP/1.1\\r\\nHost: x"
+              "\\r\\n\\r\\n' % i); time.sleep(0.5)\n"
+              "print('DONE', flush=True); time.sleep(30)")
+    with silent_server(lab):
+        proc = lab.popen([PYTHON, "-c", client], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "FLOODED"
+            assert proc.stdout.readline().strip() == "DONE"
+            records = agent.wait_records(marker, 3, timeout=30)
+        finally:
+            proc.kill()
+            proc.wait(5)
+    lost = agent.metric("imds_tracer_lost_events_total", 'stage="kernel"')
+    assert lost > 0, "the burst did not overflow the ring buffer: the test proves nothing"
+    assert sorted(r["path"] for r in records) == \
+        [f"/latest/meta-data/{marker}-{i}" for i in range(3)], agent.stderr()[-2000:]
+    assert all(r["mode"] == "normal" for r in records)
+    assert agent.stop() == 0
+
+
 def test_metrics_port_taken_is_a_one_line_error_at_start(agents):
     need_kernel()
     with socket.socket() as taken:
