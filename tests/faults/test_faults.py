@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -331,6 +332,50 @@ def test_a_connection_that_overflowed_the_ring_buffer_is_still_watched(lab, agen
         [f"/latest/meta-data/{marker}-{i}" for i in range(3)], agent.stderr()[-2000:]
     assert all(r["mode"] == "normal" for r in records)
     assert agent.stop() == 0
+
+
+HARDENED_BUSY = """
+import http.client
+c = http.client.HTTPConnection("169.254.169.254", 80, timeout=5)
+c.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+r = c.getresponse(); token = r.read().decode()
+for i in range(60):
+    c.request("GET", "/latest/meta-data/instance-id",
+              headers={"X-aws-ec2-metadata-token": token})
+    c.getresponse().read()
+"""
+
+
+def test_evidence_outlives_rotation_a_kill_and_a_restart(lab, agents, tmp_path):
+    # issue 10: the offender's line rotates away and the agent is SIGKILLed; the evidence
+    # file beside the logs still has the offender and the watch, and report finds it
+    log_dir = tmp_path / "logs"
+    small = "[log]\nmax_bytes = 4096\nbackups = 0\n"
+    agent = agents(log_dir=log_dir, config=small).start()
+    marker = "fault-evidence-" + secrets.token_hex(4)
+    curl(lab, f"/latest/meta-data/{marker}")
+    assert len(agent.wait_records(marker, 1, timeout=30)) == 1
+    lab.run([PYTHON, "-c", HARDENED_BUSY], timeout=60, check=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(marker in line
+                                              for line in request_lines(log_dir)):
+        time.sleep(0.5)
+    assert not any(marker in line for line in request_lines(log_dir))  # rotated away
+    time.sleep(6)                     # one evidence heartbeat after the offender
+    agent.proc.kill()                 # SIGKILL: no clean stop, no final write
+    agent.proc.wait(10)
+    again = agents(log_dir=log_dir, config=small).start()
+    time.sleep(1)
+    assert again.stop() == 0, again.stderr()[-2000:]
+    doc = json.loads((log_dir / "imds-evidence.json").read_text())
+    assert [i["stopped"] for i in doc["intervals"][-2:]] == [False, True]
+    proc = subprocess.run([PYTHON, "-m", "imds_tracer", "report", "--log-dir", str(log_dir),
+                           "--since", "1h", "--json"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [o["count"] for o in data["offenders"] if marker in o["argv"]] == [1]
+    assert data["coverage"]["agent_starts"] >= 2
 
 
 def test_metrics_port_taken_is_a_one_line_error_at_start(agents):
