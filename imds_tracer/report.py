@@ -211,6 +211,11 @@ def verdict(summary: Summary, since: timedelta) -> tuple[int, list[str]]:
                      f"{_ago(since)} window in {cov.starts} run(s) of the agent"
                      + (f", {cov.unclean} of them ended without a clean stop"
                         if cov.unclean else ""))
+        logged = sum(summary.levels.values())
+        if cov.records > logged:
+            notes.append(f"rotated: {cov.records - logged} request line(s) the agent logged "
+                         "in these runs are no longer in the logs; the evidence file keeps "
+                         "their offenders")
     if summary.drops:
         lost = ", ".join(f"{k}={v}" for k, v in sorted(summary.drops.items()))
         notes.append(f"caution: the agent dropped events in this window ({lost}): "
@@ -253,6 +258,7 @@ def render_json(summary: Summary, since: timedelta, out=sys.stdout) -> int:
                                _fmt(datetime.fromtimestamp(b, timezone.utc))]
                               for a, b in cov.gaps],
                      "agent_starts": cov.starts, "unclean_stops": cov.unclean,
+                     "requests_logged": cov.records,
                      "lost": cov.lost},
         "unreadable_lines": summary.unreadable_lines,
         "first_seen": _fmt(summary.first), "last_seen": _fmt(summary.last),

@@ -118,6 +118,10 @@ def test_an_offender_rotated_out_of_the_logs_is_still_not_safe(tmp_path):
     expected = json.loads((DATA / "expected.json").read_text())["files"]["aws.pcap"]
     normal = sum(1 for r in expected["requests"] if r["mode"] == "normal")
     assert data["normal_mode_requests"] == normal > 0
+    lines = sum(data["requests_by_level"].values())
+    assert data["coverage"]["requests_logged"] > lines
+    assert "request line(s) the agent logged in these runs are no longer in the logs" in \
+        " ".join(data["notes"])
 
 
 def test_lines_and_evidence_are_merged_without_double_counting(tmp_path):
