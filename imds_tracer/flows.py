@@ -39,6 +39,7 @@ class _Stream:
     next_seq: int | None = None
     held: dict = field(default_factory=dict)  # seq -> (bytes, lost), segments that came early
     held_since: float = 0.0        # when the oldest of them came
+    gap: bool = False              # bytes were given up on: which message follows is unsure
     truncated: bool = False        # bytes of the message being buffered were not captured
     started: float = 0.0           # time of the first chunk of the message being buffered
 
@@ -170,6 +171,7 @@ class FlowTable:
         gap = (seq - stream.next_seq) % SEQ_MOD
         self._drop("stream_gap", 1)
         stream.next_seq = seq
+        stream.gap = True
         yield b"", gap
         yield from self._release(stream)
 
@@ -249,6 +251,15 @@ class FlowTable:
 
     def _consume_response(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                           ts: float) -> None:
+        if stream.gap:
+            # responses were lost, how many is unknown: the requests waiting are logged with
+            # no status rather than each with the status of another
+            stream.gap = False
+            for entry in flow.pending:
+                if not entry[1]:
+                    entry[1] = True
+                    self._emit(entry[0])
+            flow.pending.clear()
         if stream.skip:
             data, lost = self._skip_body(stream, data, lost)
             if data is None:

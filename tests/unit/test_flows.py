@@ -1,3 +1,4 @@
+from imds_tracer import http
 from imds_tracer.flows import FlowTable
 from imds_tracer.model import Chunk, Direction
 
@@ -234,14 +235,18 @@ def test_the_request_a_hole_cuts_is_logged_truncated_and_the_next_one_found_insi
 
 
 def test_responses_resync_at_the_next_status_line():
+    assert http.response_start(b" 5\r\n\r\nhelloHTTP/1.1 404 No\r\n") == 11
+    assert http.response_start(b"hello HTTP/1.1 world") == -1
     r = Recorder()
     r.send(GET, seq=1)
-    r.send(GET, seq=1 + len(GET))
-    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-    r.send(cut[:10], RESP, seq=1)
-    r.send(cut[30:] + OK.replace(b"200 OK", b"404 No"), RESP, seq=31)
-    r.table.flush()
-    assert [s[2] for s in r.summary()][-1] == 404
+    r.send(OK[:10], RESP, seq=1)            # "HTTP/1.1 2", then bytes that never come
+    r.send(OK[30:], RESP, seq=31)
+    r.table.tick(5.0)
+    later = GET.replace(b"meta-data/", b"meta-data/later")
+    r.send(later, seq=1 + len(GET), ts=6.0)
+    r.send(OK.replace(b"200 OK", b"404 No"), RESP, seq=1 + len(OK), ts=6.1)
+    assert r.summary() == [("GET", "/latest/meta-data/", None),
+                           ("GET", "/latest/meta-data/later", 404)]
 
 
 # -- heads are judged when complete (issue 10, defect 3) -------------------------------------
@@ -272,3 +277,21 @@ def test_a_head_never_finished_is_logged_truncated_when_the_connection_goes_idle
     assert r.out == []
     r.table.tick(61.0)
     assert [(e.head.target, e.truncated) for e in r.out] == [("/latest/meta", True)]
+
+
+def test_after_lost_responses_no_request_gets_another_ones_status():
+    r = Recorder()
+    gets = [GET.replace(b"meta-data/", b"meta-data/%d" % i) for i in range(4)]
+    answers = [OK.replace(b"200 OK", b"%d X" % (201 + i)) for i in range(4)]
+    seq, rseq = 1, 1
+    for i in range(4):
+        r.send(gets[i], seq=seq, ts=i)
+        if i != 1:                      # the answer to request 1 never arrives
+            r.send(answers[i], RESP, seq=rseq, ts=i + 0.5)
+        seq += len(gets[i])
+        rseq += len(answers[i])
+    r.table.flush()
+    statuses = {s[1]: s[2] for s in r.summary()}
+    assert statuses["/latest/meta-data/0"] == 201
+    assert statuses["/latest/meta-data/1"] is None
+    assert all(statuses[f"/latest/meta-data/{i}"] in (None, 201 + i) for i in (2, 3))
