@@ -35,11 +35,11 @@ class _Stream:
     buf: bytearray = field(default_factory=bytearray)
     skip: int = 0                  # body bytes still to pass over
     chunked: bool = False          # passing over a chunked body: wait for its last chunk
-    resync: bool = False           # lost our place: wait for a chunk that starts a message
+    resync: bool = False           # lost our place: wait for the next message start
     next_seq: int | None = None
     held: dict = field(default_factory=dict)  # seq -> (bytes, lost), segments that came early
     held_since: float = 0.0        # when the oldest of them came
-    gap: bool = False              # bytes were given up on: which message follows is unsure
+    gap: bool = False              # bytes given up on: the responses waited for are unsure
     truncated: bool = False        # bytes of the message being buffered were not captured
     started: float = 0.0           # time of the first chunk of the message being buffered
 
