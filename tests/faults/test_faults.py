@@ -303,10 +303,11 @@ def test_burst_beyond_the_ring_buffer_is_counted_and_survived(lab, agents):
     assert agent.stop() == 0
 
 
-def test_a_connection_that_overflowed_the_ring_buffer_is_still_watched(lab, agents):
+@pytest.mark.parametrize("backend", ["cgroup", "tracepoint"])
+def test_a_connection_that_overflowed_the_ring_buffer_is_still_watched(lab, agents, backend):
     # issue 10: a burst on one keep-alive connection overflows the smallest ring buffer; the
     # normal-mode requests the same connection sends seconds later must still be logged
-    agent = agents(config="perf_pages = 8\n").start()
+    agent = agents(config="perf_pages = 8\n", backend=backend).start()
     marker = "fault-resync-" + secrets.token_hex(4)
     client = (f"import socket, time; s = socket.create_connection(('{AWS_IP}', {SILENT_PORT}))\n"
               "req = b'GET /latest/meta-data/flood HTTP/1.1\\r\\nX-Pad: ' + b'a' * 3000 "
