@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab import SLOW
+
 REQUIRE = os.environ.get("IMDS_TRACER_REQUIRE_KERNEL") == "1"
 
 
@@ -98,7 +100,7 @@ def run_client(lab, argv, cgroup=None, timeout=30):
     records it caused) with the client's stdout as `.output`."""
     proc = lab.popen([str(a) for a in argv], cgroup=cgroup, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=timeout)
+    out, err = proc.communicate(timeout=timeout * SLOW)
     assert proc.returncode == 0, f"{argv}: {err}"
     proc.output = out
     return proc
