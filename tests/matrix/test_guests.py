@@ -41,6 +41,7 @@ class Cell:
     auto: str                      # what --backend auto must pick
     cgroup: str = "v2"             # v1: only cgroup v1 hierarchies mounted (net_cls in use)
     also: tuple = ()               # more test paths run on this userland's Python
+    python: str = "/usr/bin/python3"   # the guest's own; this machine's root: the checkout's venv
     deselect: tuple = field(default=())  # -k exclusions, each with its reason in the cell
 
     def e2e_backends(self) -> str:
@@ -53,7 +54,8 @@ CELLS = {
     "debian11-5.10": Cell("bullseye", ("cgroup", "kprobe", "tracepoint"), "cgroup",
                           also=("tests/unit", "tests/replay")),
     # Debian 12: this machine's root, on bookworm's own 6.1
-    "debian12-6.1": Cell("bookworm", ("cgroup", "kprobe", "tracepoint"), "cgroup"),
+    "debian12-6.1": Cell("bookworm", ("cgroup", "kprobe", "tracepoint"), "cgroup",
+                         python="/lab/src/.venv/bin/python"),
     # Debian 13: Python 3.13, BCC 0.30, kernel 6.12
     "debian13-6.12": Cell("trixie", ("cgroup", "kprobe", "tracepoint"), "cgroup"),
     # EL8 / Alinux 3 defaults: no cgroup2 mounted, v1 net_cls/net_prio in use by the tests'
@@ -66,11 +68,7 @@ CELLS = {
 
 GUEST_SCRIPT = r"""
 set -u
-if [ -x /lab/src/.venv/bin/python ] && /lab/src/.venv/bin/python -c 'import bcc, botocore' 2>/dev/null; then
-    PY=/lab/src/.venv/bin/python
-else
-    PY=/usr/bin/python3
-fi
+PY={python}
 export PYTHONPATH=/lab/src PYTHONDONTWRITEBYTECODE=1
 export IMDS_TRACER_REQUIRE_KERNEL=1 IMDS_TRACER_REQUIRE_LAB=1 IMDS_TRACER_SLOW={slow}
 export IMDS_TRACER_E2E_BACKENDS={backends} IMDS_TRACER_E2E_AUTO={auto} IMDS_TRACER_E2E_LATE=auto
@@ -82,7 +80,7 @@ if [ {cgroup} = v1 ]; then      # net_cls / net_prio in use: this shell and all 
 fi
 echo "python: $($PY -V 2>&1) ($PY); bcc: $($PY -c 'import bcc; print(getattr(bcc, "__version__", "?"))' 2>&1)"
 $PY -m pytest -p no:cacheprovider -ra -v --junitxml=/lab/run/junit.xml {deselect} \
-    tests/kernel/test_e2e.py {also}
+    tests/kernel/test_e2e.py tests/kernel/test_e2e_late.py {also}
 rc=$?
 $PY bench/kernel_bench.py --only overhead --backend auto --bracket --rounds 3 --quick \
     > /lab/run/bench.json 2> /lab/run/bench.err || echo "bench failed: $(tail -3 /lab/run/bench.err)"
@@ -116,7 +114,7 @@ def test_guest_cell(name):
         pytest.skip(reason)
     cell = CELLS[name]
     deselect = " ".join(f"-k 'not {k}'" for k in cell.deselect)
-    command = GUEST_SCRIPT.format(slow=GUEST_SLOW, backends=cell.e2e_backends(), auto=cell.auto,
+    command = GUEST_SCRIPT.format(python=cell.python, slow=GUEST_SLOW, backends=cell.e2e_backends(), auto=cell.auto,
                                   cgroup=cell.cgroup, also=" ".join(cell.also),
                                   deselect=deselect)
     run_dir = vm.CACHE / "runs" / name
