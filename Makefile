@@ -14,7 +14,7 @@ OS_PACKAGES ?= python3-bpfcc bpftool python3-venv python3-pip iproute2 tcpdump c
 	python3-psutil python3-prometheus-client python3-scapy python3-seccomp \
 	qemu-system-x86 debootstrap busybox-static
 
-.PHONY: all deps os-deps venv run test test-unit test-matrix lab-setup bench deb rpm clean
+.PHONY: all deps os-deps venv run test test-unit test-matrix lab-setup bench bench-matrix deb rpm clean
 
 all: test
 
@@ -50,6 +50,10 @@ test-unit: deps
 
 bench: deps
 	$(PY) bench/run_all.py
+
+# the unrelated-send overhead of auto's backend in each kernel-lab guest (bench/RESULTS.md)
+bench-matrix: deps
+	$(PY) bench/matrix_bench.py
 
 deb: deps
 	sh packaging/deb/build.sh

@@ -6,10 +6,10 @@ Python 3.9 floor).
 What each cell expects is written down here, not discovered: the backends that must load on
 that kernel, and the one `auto` must pick. A backend that does not load fails the cell.
 
-A cell boots once and runs, in the guest: pytest (junit and summary back to the host), then
-the unrelated-send overhead of the backend auto picks (bench/kernel_bench.py, bracketed: one
-agent start), then powers off. Its console, output, agent figures (ready time, RSS) and bench
-JSON stay in $IMDS_TRACER_LAB_CACHE/runs/<cell>/ (default /var/cache/imds-tracer-lab).
+A cell boots once, runs pytest in the guest (junit and summary back to the host) and powers
+off. Its console, output and agent figures (ready time, RSS) stay in
+$IMDS_TRACER_LAB_CACHE/runs/<cell>/ (default /var/cache/imds-tracer-lab). The cost per kernel
+is measured outside the tests: bench/matrix_bench.py (`make bench-matrix`).
 
 Needs root, qemu-system-x86_64, debootstrap and busybox-static (the Makefile's OS packages) and
 the network to deb.debian.org for the first set-up; skipped with the reason elsewhere, a
@@ -81,10 +81,6 @@ fi
 echo "python: $($PY -V 2>&1) ($PY); bcc: $($PY -c 'import bcc; print(getattr(bcc, "__version__", "?"))' 2>&1)"
 $PY -m pytest -p no:cacheprovider -ra -v --junitxml=/lab/run/junit.xml {deselect} \
     tests/kernel/test_e2e.py tests/kernel/test_e2e_late.py {also}
-rc=$?
-$PY bench/kernel_bench.py --only overhead --backend auto --bracket --rounds 3 --quick \
-    > /lab/run/bench.json 2> /lab/run/bench.err || echo "bench failed: $(tail -3 /lab/run/bench.err)"
-exit $rc
 """
 
 
@@ -114,18 +110,16 @@ def test_guest_cell(name):
         pytest.skip(reason)
     cell = CELLS[name]
     deselect = " ".join(f"-k 'not {k}'" for k in cell.deselect)
-    command = GUEST_SCRIPT.format(python=cell.python, slow=GUEST_SLOW, backends=cell.e2e_backends(), auto=cell.auto,
-                                  cgroup=cell.cgroup, also=" ".join(cell.also),
-                                  deselect=deselect)
+    command = GUEST_SCRIPT.format(python=cell.python, slow=GUEST_SLOW,
+                                  backends=cell.e2e_backends(), auto=cell.auto, cgroup=cell.cgroup,
+                                  also=" ".join(cell.also), deselect=deselect)
     run_dir = vm.CACHE / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run = vm.boot(cell.suite, command, run_dir, cgroup=cell.cgroup)
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()] \
         if (run_dir / "stats.jsonl").exists() else []
-    bench = (run_dir / "bench.json").read_text().strip() if (run_dir / "bench.json").exists() else ""
     report = {"cell": name, "suite": cell.suite, "seconds": round(run.seconds),
-              "status": run.status, "summary": summary_line(run.output), "agents": stats,
-              "bench": json.loads(bench) if bench.startswith("{") else None}
+              "status": run.status, "summary": summary_line(run.output), "agents": stats}
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
     assert run.status == 0, (
