@@ -7,12 +7,14 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 OS_STAMP   := .os-deps.stamp
 # OS packages: BCC from the distribution (not PyPI), headers for it to compile against,
-# and the real tools the tests drive (tcpdump, curl, iproute2, promtool, dpkg-deb, tshark).
+# and the real tools the tests drive (tcpdump, curl, iproute2, promtool, dpkg-deb, tshark);
+# the kernel lab's qemu, debootstrap and busybox-static (tests/lab/vm.py, tests/matrix).
 OS_PACKAGES ?= python3-bpfcc bpftool python3-venv python3-pip iproute2 tcpdump curl \
 	prometheus dpkg-dev fakeroot rpm tshark systemd logrotate help2man \
-	python3-psutil python3-prometheus-client python3-scapy python3-seccomp
+	python3-psutil python3-prometheus-client python3-scapy python3-seccomp \
+	qemu-system-x86 debootstrap busybox-static
 
-.PHONY: all deps os-deps venv run test test-unit bench deb rpm clean
+.PHONY: all deps os-deps venv run test test-unit test-matrix lab-setup bench bench-matrix deb rpm clean
 
 all: test
 
@@ -36,11 +38,22 @@ run: deps
 test: deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# the kernel lab alone: Debian 11/12/13 guests on their own kernels (cache: IMDS_TRACER_LAB_CACHE)
+test-matrix: deps
+	$(PY) -m pytest -ra tests/matrix $(PYTEST_ARGS)
+
+lab-setup: deps
+	$(PY) -m tests.lab.vm setup
+
 test-unit: deps
 	$(PY) -m pytest -ra tests/unit tests/replay $(PYTEST_ARGS)
 
 bench: deps
 	$(PY) bench/run_all.py
+
+# the unrelated-send overhead of auto's backend in each kernel-lab guest (bench/RESULTS.md)
+bench-matrix: deps
+	$(PY) bench/matrix_bench.py
 
 deb: deps
 	sh packaging/deb/build.sh

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab import SLOW
+
 REQUIRE = os.environ.get("IMDS_TRACER_REQUIRE_KERNEL") == "1"
 
 
@@ -101,7 +103,7 @@ def run_client(lab, argv, cgroup=None, timeout=30, env=None):
     records it caused) with the client's stdout as `.output`. `env`: added to the lab's."""
     proc = lab.popen([str(a) for a in argv], cgroup=cgroup, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True, env={**lab.env(), **(env or {})})
-    out, err = proc.communicate(timeout=timeout)
+    out, err = proc.communicate(timeout=timeout * SLOW)
     assert proc.returncode == 0, f"{argv}: {err}"
     proc.output = out
     return proc

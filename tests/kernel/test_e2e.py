@@ -1,6 +1,13 @@
 """End to end on this kernel: `python -m imds_tracer run --backend B` as a subprocess, for
-each backend that can run here (cgroup, tracepoint), real clients inside a throw-away network
+each backend (auto, cgroup, kprobe, tracepoint), real clients inside a throw-away network
 namespace (tests.lab), and the JSON lines and the metrics it writes.
+
+Which backends run, and which one `auto` must pick, is an expectation of the machine, written
+down: here the defaults below; in the kernel-lab guests (tests/matrix) the cell sets
+IMDS_TRACER_E2E_BACKENDS and IMDS_TRACER_E2E_AUTO (test_e2e_late.py: IMDS_TRACER_E2E_LATE).
+A backend that does
+not load fails its tests -- it is never skipped. With IMDS_TRACER_LAB_STATS=FILE each agent's
+ready time and RSS are appended there as JSON lines (the matrix table reads them).
 
 Other sessions may run metadata clients on the same machine at the same time (in their own
 namespaces): records are matched by the pid of the client this test started (`ip netns exec`
@@ -8,6 +15,7 @@ execs the client, so Popen.pid is the client's pid), never by counting everythin
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -18,8 +26,9 @@ import time
 import pytest
 
 from tests.kernel.conftest import run_client
-from tests.lab.agent import AgentProcess
-from tests.lab.clients import KEEPALIVE_CLIENT, READ_RESPONSE
+from tests.lab import SLOW
+from tests.lab.agent import READY, AgentProcess
+from tests.lab.clients import READ_RESPONSE
 
 AWS_IP = "169.254.169.254"
 ALIYUN_IP = "100.100.100.200"
@@ -34,7 +43,13 @@ def lab(module_lab):
     return module_lab
 
 
-BACKENDS = ["cgroup", "tracepoint"]
+BACKENDS = os.environ.get("IMDS_TRACER_E2E_BACKENDS", "auto,cgroup,tracepoint").split(",")
+AUTO_PICKS = os.environ.get("IMDS_TRACER_E2E_AUTO", "cgroup")
+
+
+def expected_backend(requested: str) -> str:
+    """The backend an agent run with --backend `requested` must report in its ready line."""
+    return AUTO_PICKS if requested == "auto" else requested
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -51,27 +66,53 @@ def agent(lab, backend, tmp_path_factory):
         assert the_agent.stop() == 0, the_agent.stderr()[-2000:]
 
 
+@pytest.fixture(scope="module")
+def picked(agent):
+    """The backend the agent runs, from its ready line (what `auto` resolved to); records
+    name it as their source. test_ready_line_and_start_up checks it against the expectation."""
+    return READY.match(agent.ready_line).group(1)
+
+
 def one(records):
     assert len(records) == 1, records
     return records[0]
 
 
-def test_ready_line_and_start_up(agent, backend):
-    assert agent.ready_line.startswith(f"ready backend={backend} probes=")
-    # cgroup: 4 socket hooks + fork + exec; tracepoint: the syscalls' enter and exit + fork
+def test_ready_line_and_start_up(agent, backend, picked):
+    rss_mib = agent.rss_kib() / 1024
+    print(f"agent ready in {agent.ready_seconds:.2f}s, RSS {rss_mib:.0f} MiB: {agent.ready_line}")
+    stats = os.environ.get("IMDS_TRACER_LAB_STATS")
+    if stats:
+        with open(stats, "a") as fh:
+            fh.write(json.dumps({"backend": backend, "ready_line": agent.ready_line,
+                                 "ready_seconds": round(agent.ready_seconds, 1),
+                                 "rss_mib": round(rss_mib, 1)}) + "\n")
+    assert picked == expected_backend(backend), agent.ready_line
+    # cgroup: 4 socket hooks + fork + exec; tracepoint: the syscalls' enter and exit + fork;
+    # kprobe: tcp_sendmsg (and its variants), tcp_recvmsg entry and return, fork, exec
     probes = int(agent.ready_line.rsplit("=", 1)[1])
-    assert probes == 6 if backend == "cgroup" else probes >= 20
-    print(f"agent ready in {agent.ready_seconds:.2f}s, RSS {agent.rss_kib() / 1024:.0f} MiB")
+    assert {"cgroup": probes == 6, "tracepoint": probes >= 20}.get(picked, probes >= 3), probes
 
 
-def test_curl_aws_normal_mode(agent, lab, backend):
+def test_doctor_names_the_backend_run_picked(agent, backend, picked):
+    """`imds-tracer doctor` and `run --backend auto` choose the same backend on this kernel."""
+    if backend != "auto":
+        pytest.skip("only the auto agent: doctor names what auto picks")
+    proc = subprocess.run([PYTHON, "-m", "imds_tracer", "doctor"], capture_output=True,
+                          text=True, timeout=120 * SLOW)
+    said = re.search(r"--backend auto would use (\w+)", proc.stdout)
+    assert said, proc.stdout + proc.stderr
+    assert said.group(1) == picked, proc.stdout
+
+
+def test_curl_aws_normal_mode(agent, lab, picked):
     url = f"http://{AWS_IP}/latest/meta-data/instance-id"
     proc = run_client(lab, ["curl", "-s", url])
     rec = one(agent.records_of(proc.pid, 1))
     assert (rec["level"], rec["provider"], rec["mode"], rec["problems"]) == (
         "WARNING", "aws", "normal", [])
     assert (rec["method"], rec["path"], rec["status"]) == ("GET", "/latest/meta-data/instance-id", 200)
-    assert (rec["dst_ip"], rec["dst_port"], rec["source"]) == (AWS_IP, 80, backend)
+    assert (rec["dst_ip"], rec["dst_port"], rec["source"]) == (AWS_IP, 80, picked)
     assert rec["comm"] == "curl" and rec["argv"] == ["curl", "-s", url]
     assert rec["container"] is None
     assert rec["parents"] and rec["parents"][0]["pid"]
@@ -315,28 +356,6 @@ def test_metrics_match_the_log(agent, lab):
     assert "imds_tracer_lost_events_total" in text
 
 
-@pytest.mark.parametrize("ip", [AWS_IP, AWS_IP6])
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_agent_started_after_the_connection_opened(lab, tmp_path, ip, backend_name):
-    client = lab.popen([PYTHON, "-c", KEEPALIVE_CLIENT, ip], stdin=subprocess.PIPE,
-                       stdout=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout.readline().strip() == "first"
-        late = AgentProcess(tmp_path, backend=backend_name).start()
-        try:
-            client.stdin.write("go\n")
-            client.stdin.flush()
-            assert client.stdout.readline().strip() == "done"
-            recs = late.records_of(client.pid, 2)
-        finally:
-            assert late.stop() == 0
-    finally:
-        client.kill()
-        client.wait(5)
-    assert [r["path"] for r in recs] == ["/latest/meta-data/ami-id", "/latest/meta-data/hostname"]
-    assert all(r["dst_ip"] == ip and r["status"] == 200 for r in recs), recs
-
-
 FLOOD = r"""
 import socket, sys
 ip, n = sys.argv[1], int(sys.argv[2])
@@ -350,12 +369,14 @@ for i in range(n):
 
 
 def test_flood_everything_logged_or_counted(agent, lab):
-    procs_n, per_proc = 16, 40
+    # 640 connections from 16 processes; under qemu/TCG (SLOW > 1) 4 processes: the same
+    # property, in a minute rather than several
+    procs_n, per_proc = (16 if SLOW == 1 else 4), 40
     before = agent.metrics()
     lost_before = _metric_sum(before, "imds_tracer_lost_events_total")
     procs = [lab.popen([PYTHON, "-c", FLOOD, AWS_IP, str(per_proc)]) for _ in range(procs_n)]
     for p in procs:
-        assert p.wait(120) == 0
+        assert p.wait(120 * SLOW) == 0
     pids = {p.pid for p in procs}
     recs = agent.records_of(pids, procs_n * per_proc, timeout=30)
     lost = _metric_sum(agent.metrics(), "imds_tracer_lost_events_total") - lost_before

@@ -14,3 +14,8 @@
 
 Everything here talks only to loopback or to namespaces it created itself.
 """
+import os
+
+# How much slower than this machine the lab runs: qemu guests under TCG set it (about 30); the
+# lab's waits (agent ready, records, the fake server's keep-alive) are multiplied by it.
+SLOW = max(1.0, float(os.environ.get("IMDS_TRACER_SLOW", "1") or 1))

@@ -48,6 +48,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from tests.lab import SLOW
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"ready backend=(\w+) probes=(\d+)")
 
@@ -101,7 +103,9 @@ class AgentProcess:
 
     # -- life cycle ----------------------------------------------------------------------
     def start(self, timeout: float = 60, expect_ready: bool = True) -> "AgentProcess":
-        """Run the agent and wait for its ready line (see the module docstring)."""
+        """Run the agent and wait for its ready line (see the module docstring); `timeout` is
+        scaled by tests.lab.SLOW."""
+        timeout *= SLOW
         if self.tmp is not None:
             self.tmp.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
@@ -153,7 +157,9 @@ class AgentProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 20) -> int:
-        """SIGTERM, then its exit status; killed (and TimeoutExpired) after `timeout`."""
+        """SIGTERM, then its exit status; killed (and TimeoutExpired) after `timeout` (scaled
+        by tests.lab.SLOW)."""
+        timeout *= SLOW
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
@@ -221,7 +227,7 @@ class AgentProcess:
 
     def wait_records(self, marker: str, count: int, timeout: float = 15) -> list[dict]:
         """Wait until at least `count` records with `marker` in their path exist."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * SLOW
         while time.monotonic() < deadline:
             got = self.records(marker)
             if len(got) >= count:
@@ -238,7 +244,7 @@ class AgentProcess:
         def of_pids() -> list[dict]:
             return [r for r in self.records() if r.get("pid") in pids]
 
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * SLOW
         while time.monotonic() < deadline:
             if len(of_pids()) >= count:
                 time.sleep(0.5)

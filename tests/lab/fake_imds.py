@@ -79,6 +79,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterable
 from urllib.parse import parse_qs, urlsplit
 
+from tests.lab import SLOW
+
 AWS = "aws"
 ALIYUN = "aliyun"
 AZURE = "azure"
@@ -219,7 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "EC2ws"
     sys_version = ""
-    timeout = 30  # idle keep-alive connections are dropped after this
+    timeout = 30 * SLOW  # idle keep-alive connections are dropped after this (an agent start
+    # under qemu/TCG may take 90 s, and "started after the connection opened" tests wait that)
 
     def log_message(self, format, *args):  # noqa: A002 - stdlib signature
         pass

@@ -50,7 +50,22 @@ AWS_IP = "169.254.169.254"
 ALIYUN_IP = "100.100.100.200"
 AWS_IP6 = "fd00:ec2::254"
 LAB_ADDRS = (AWS_IP, ALIYUN_IP, AWS_IP6)
-CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+def _cgroup2_root() -> Path:
+    """Where cgroup v2 is mounted: /sys/fs/cgroup/unified (hybrid hosts) or /sys/fs/cgroup."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == "cgroup2" and fields[1].startswith("/sys/fs/cgroup"):
+                    return Path(fields[1])
+    except OSError:
+        pass
+    return Path("/sys/fs/cgroup/unified")
+
+
+CGROUP2_ROOT = _cgroup2_root()
 NS_PREFIX = "imdslab-"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -358,7 +373,7 @@ class Lab:
         return path
 
     def make_cgroup(self, relpath: str) -> Path:
-        """Create a cgroup v2 directory under /sys/fs/cgroup/unified (parents too) and return
+        """Create a cgroup v2 directory under CGROUP2_ROOT (parents too) and return
         it; every directory created here is removed on close. Example relpath:
         ``system.slice/docker-<64 hex>.scope``."""
         path = self._cgroup_path(relpath)
