@@ -14,7 +14,9 @@
  * The payload is copied for ITER_UBUF (a single user buffer: send(), write() since 6.0 — the
  * predecessor's "MISSING PAYLOAD") and ITER_IOVEC (writev, sendmsg: up to IMDS_MAX_IOV
  * segments); other iterator types carry kernel pages (sendfile, splice) and are counted as
- * lost bytes.
+ * lost bytes. The iterator type is read as the running kernel stores it (btf.py
+ * `iter_type_layout`): a byte of its own since 5.14, a word shared with the direction bit
+ * before (5.10), with that kernel's enum iter_type values.
  */
 #include <uapi/linux/ptrace.h>
 #include "common.h"
@@ -63,12 +65,20 @@ static __always_inline void fill_sock(struct imds_event *ev, __u64 sk, struct wa
     __builtin_memcpy(ev->daddr, k->addr, 16);
 }
 
+/* The iov_iter's type, an enum iter_type value of this kernel (little-endian: a narrower
+ * field lands in the low bytes). */
+static __always_inline __u32 iter_type(const char *it)
+{
+    __u32 type = 0;
+    bpf_probe_read_kernel(&type, IMDS_ITER_TYPE_SIZE, it + IMDS_OFF_ITER_TYPE);
+    return type & IMDS_ITER_TYPE_MASK;
+}
+
 /* The user buffer `it` reads from first: (address, length), or 0 when not user memory. */
 static __always_inline __u64 iter_first_user(const char *it, __u64 *len)
 {
-    __u8 type = 0;
+    __u32 type = iter_type(it);
     __u64 skip = 0, count = 0;
-    bpf_probe_read_kernel(&type, sizeof(type), it + IMDS_OFF_ITER_TYPE);
     bpf_probe_read_kernel(&skip, sizeof(skip), it + IMDS_OFF_ITER_IOV_OFFSET);
     bpf_probe_read_kernel(&count, sizeof(count), it + IMDS_OFF_ITER_COUNT);
 #if IMDS_OFF_ITER_UBUF >= 0
@@ -115,9 +125,8 @@ int imds_tcp_sendmsg(struct pt_regs *ctx)
     fill_sock(&b->ev, skp, &k, family);
 
     const char *it = msg + IMDS_OFF_MSG_ITER;
-    __u8 type = 0;
+    __u32 type = iter_type(it);
     __u64 skip = 0, count = 0;
-    bpf_probe_read_kernel(&type, sizeof(type), it + IMDS_OFF_ITER_TYPE);
     bpf_probe_read_kernel(&skip, sizeof(skip), it + IMDS_OFF_ITER_IOV_OFFSET);
     bpf_probe_read_kernel(&count, sizeof(count), it + IMDS_OFF_ITER_COUNT);
     __u32 off = 0;

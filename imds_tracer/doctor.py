@@ -171,8 +171,12 @@ def check_btf() -> Check:
     except Exception as exc:  # BtfError or a malformed blob
         return Check("BTF", False, f"{BTF}: {exc}", "kprobe backend unavailable; the cgroup "
                      "backend takes argv from /proc", required=False)
-    return Check("BTF", True, f"{BTF}: kprobe offsets resolved (iov_iter.ubuf at "
-                 f"+{consts['IMDS_OFF_ITER_UBUF']}, sock_common.skc_daddr at "
+    ubuf = consts["IMDS_OFF_ITER_UBUF"]
+    return Check("BTF", True, f"{BTF}: kprobe offsets resolved (iov_iter type: "
+                 f"{consts['IMDS_ITER_TYPE_SIZE']} byte(s) at +{consts['IMDS_OFF_ITER_TYPE']}, "
+                 f"ITER_IOVEC={consts['IMDS_ITER_IOVEC']}; "
+                 + (f"ubuf at +{ubuf}" if ubuf >= 0 else "no ITER_UBUF") + ", "
+                 f"sock_common.skc_daddr at "
                  f"+{consts['IMDS_OFF_SKC_DADDR']}); exec argv offsets (mm_struct.arg_start at "
                  f"+{argv['IMDS_MM_ARG_START_OFF']})", required=False)
 

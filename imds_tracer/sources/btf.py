@@ -180,17 +180,22 @@ class Btf:
                     return bit_off + inner[0], inner[1]
         return None
 
-    def enum_value(self, enum_name: str, value_name: str) -> int:
+    def enum_values(self, enum_name: str) -> tuple:
+        """((name, value), ...) of `enum enum_name`. Raises BtfError."""
         for kind in (ENUM, ENUM64):
             for tid in self._by_name.get((kind, enum_name), ()):
-                for name, value in self.types[tid].extra:
-                    if name == value_name:
-                        return value
+                return self.types[tid].extra
+        raise BtfError(f"enum {enum_name} not in this kernel's BTF")
+
+    def enum_value(self, enum_name: str, value_name: str) -> int:
+        for name, value in self.enum_values(enum_name):
+            if name == value_name:
+                return value
         raise BtfError(f"enum {enum_name} has no {value_name} in this kernel")
 
 
 # Every offset bpf/kprobe.c uses: -D name -> (struct, member). The iov pointer moved from
-# `iov` to `__iov` in 6.4; whichever exists is used.
+# `iov` to `__iov` in 6.4; whichever exists is used. The iterator type is `iter_type_layout`'s.
 KPROBE_OFFSETS = {
     "IMDS_OFF_SKC_FAMILY": ("sock_common", "skc_family"),
     "IMDS_OFF_SKC_DADDR": ("sock_common", "skc_daddr"),
@@ -198,7 +203,6 @@ KPROBE_OFFSETS = {
     "IMDS_OFF_SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
     "IMDS_OFF_SK_COMMON": ("sock", "__sk_common"),
     "IMDS_OFF_MSG_ITER": ("msghdr", "msg_iter"),
-    "IMDS_OFF_ITER_TYPE": ("iov_iter", "iter_type"),
     "IMDS_OFF_ITER_IOV_OFFSET": ("iov_iter", "iov_offset"),
     "IMDS_OFF_ITER_COUNT": ("iov_iter", "count"),
     "IMDS_OFF_ITER_UBUF": ("iov_iter", "ubuf"),
@@ -207,9 +211,57 @@ KPROBE_OFFSETS = {
 }
 
 
+def iter_type_layout(btf: Btf) -> dict[str, int]:
+    """Where an iov_iter says what it iterates over, and which values mean user memory:
+    -D constants for bpf/kprobe.c (the program reads IMDS_ITER_TYPE_SIZE bytes at
+    IMDS_OFF_ITER_TYPE, keeps the IMDS_ITER_TYPE_MASK bits and compares them with
+    IMDS_ITER_IOVEC / IMDS_ITER_UBUF, -1 where the kernel has no ITER_UBUF).
+
+    Two layouts exist, both told apart by the BTF alone:
+    - 5.14+: a byte of its own, `u8 iter_type`, holding a value of `enum iter_type`
+      (0-based; ITER_UBUF since 6.0; the values were reordered in 6.5);
+    - 4.20-5.13 (Debian 11's 5.10, Amazon Linux 2, Alibaba Cloud Linux 3): `unsigned int type`
+      holding one `enum iter_type` bit (ITER_IOVEC = 4, ITER_KVEC = 8, ...) OR'ed with the
+      direction (READ = 0 / WRITE = 1): the type is the word masked by the enum's bits.
+    Raises BtfError for anything else (e.g. 4.19 and older, whose type enum has no name)."""
+    try:
+        values = dict(btf.enum_values("iter_type"))
+    except BtfError:
+        raise BtfError("this kernel's BTF has no enum iter_type (a kernel before 4.20?)") \
+            from None
+    if "ITER_IOVEC" not in values:
+        raise BtfError("enum iter_type has no ITER_IOVEC in this kernel")
+    for field in ("iter_type", "type"):
+        if btf.has_member("iov_iter", field):
+            break
+    else:
+        raise BtfError("struct iov_iter has neither iter_type nor type in this kernel")
+    size = btf.member_size("iov_iter", field)
+    if size not in (1, 2, 4):
+        raise BtfError(f"iov_iter.{field} is {size} bytes in this kernel")
+    if field == "iter_type":
+        mask = (1 << 8 * size) - 1
+    else:
+        # the type shares its word with the direction bit: the enum must be bit flags
+        flags = list(values.values())
+        mask = 0
+        for value in flags:
+            mask |= value
+        if any(v <= 0 or v & (v - 1) for v in flags) or len(set(flags)) != len(flags) \
+                or mask & 1:
+            raise BtfError(f"iov_iter.{field} shares its word with the direction, but enum "
+                           f"iter_type is not bit flags in this kernel: {values}")
+    ubuf = values.get("ITER_UBUF", -1)
+    if ubuf >= 0 and not btf.has_member("iov_iter", "ubuf"):
+        raise BtfError("enum iter_type has ITER_UBUF but iov_iter has no ubuf in this kernel")
+    return {"IMDS_OFF_ITER_TYPE": btf.member_offset("iov_iter", field),
+            "IMDS_ITER_TYPE_SIZE": size, "IMDS_ITER_TYPE_MASK": mask,
+            "IMDS_ITER_IOVEC": values["ITER_IOVEC"], "IMDS_ITER_UBUF": ubuf}
+
+
 def kprobe_constants(btf: Btf) -> dict[str, int]:
     """-D constants for bpf/kprobe.c from this kernel's BTF. Raises BtfError naming what is
-    missing (e.g. an old kernel without iov_iter.iter_type)."""
+    missing."""
     out: dict[str, int] = {}
     for define, (struct_name, member) in KPROBE_OFFSETS.items():
         names = member if isinstance(member, tuple) else (member,)
@@ -222,13 +274,7 @@ def kprobe_constants(btf: Btf) -> dict[str, int]:
                 out[define] = -1      # kernels before 6.0 have no ITER_UBUF
                 continue
             raise BtfError(f"struct {struct_name} has no member {'/'.join(names)} in this kernel")
-    if btf.member_size("iov_iter", "iter_type") != 1:
-        raise BtfError("iov_iter.iter_type is not a byte in this kernel (before 5.14?)")
-    out["IMDS_ITER_IOVEC"] = btf.enum_value("iter_type", "ITER_IOVEC")
-    try:
-        out["IMDS_ITER_UBUF"] = btf.enum_value("iter_type", "ITER_UBUF")
-    except BtfError:
-        out["IMDS_ITER_UBUF"] = -1
+    out.update(iter_type_layout(btf))
     return out
 
 

@@ -8,33 +8,79 @@ from imds_tracer.sources import btf as btfmod
 from imds_tracer.sources.tracepoint import parse_proc_net_tcp
 
 
-def build_btf():
-    strings = b"\0"
-    def s(name):
-        nonlocal strings
-        off = len(strings)
-        strings += name.encode() + b"\0"
+class BtfBuilder:
+    """A BTF blob made by hand, type by type (ids from 1, in the order added)."""
+
+    def __init__(self):
+        self.strings = b"\0"
+        self.types = b""
+        self.count = 0
+
+    def _s(self, name):
+        if not name:
+            return 0
+        off = len(self.strings)
+        self.strings += name.encode() + b"\0"
         return off
-    types = b""
-    def t(name_off, kind, vlen, size_or_type, kind_flag=0):
-        return struct.pack("<III", name_off, (kind_flag << 31) | (kind << 24) | vlen, size_or_type)
-    # [1] INT u8 ; [2] INT u64 ; [3] PTR -> 1 ; [4] TYPEDEF size_t -> 2
-    types += t(s("u8"), btfmod.INT, 0, 1) + struct.pack("<I", 8)
-    types += t(s("u64"), btfmod.INT, 0, 8) + struct.pack("<I", 64)
-    types += t(0, btfmod.PTR, 0, 1)
-    types += t(s("size_t"), btfmod.TYPEDEF, 0, 2)
-    # [5] anon UNION { ptr ubuf; ptr __iov; } size 8
-    types += t(0, btfmod.UNION, 2, 8) + struct.pack("<III", s("ubuf"), 3, 0) + struct.pack("<III", s("__iov"), 3, 0)
-    # [6] anon STRUCT { union@0; size_t count@64 } size 16
-    types += t(0, btfmod.STRUCT, 2, 16) + struct.pack("<III", 0, 5, 0) + struct.pack("<III", s("count"), 4, 64)
-    # [7] STRUCT iov_iter { u8 iter_type@0; size_t iov_offset@64; anon@128; u64 nr_segs@256 }
-    types += (t(s("iov_iter"), btfmod.STRUCT, 4, 40)
-              + struct.pack("<III", s("iter_type"), 1, 0) + struct.pack("<III", s("iov_offset"), 4, 64)
-              + struct.pack("<III", 0, 6, 128) + struct.pack("<III", s("nr_segs"), 2, 256))
-    # [8] ENUM iter_type { ITER_UBUF=0, ITER_IOVEC=1 }
-    types += t(s("iter_type"), btfmod.ENUM, 2, 4) + struct.pack("<Ii", s("ITER_UBUF"), 0) + struct.pack("<Ii", s("ITER_IOVEC"), 1)
-    hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
-    return hdr + types + strings
+
+    def _add(self, name, kind, vlen, size_or_type, tail=b""):
+        self.types += struct.pack("<III", self._s(name), (kind << 24) | vlen, size_or_type) + tail
+        self.count += 1
+        return self.count
+
+    def int_(self, name, size):
+        return self._add(name, btfmod.INT, 0, size, struct.pack("<I", size * 8))
+
+    def ptr(self, to):
+        return self._add("", btfmod.PTR, 0, to)
+
+    def typedef(self, name, to):
+        return self._add(name, btfmod.TYPEDEF, 0, to)
+
+    def struct(self, name, size, members, kind=btfmod.STRUCT):
+        tail = b"".join(struct.pack("<III", self._s(m), t, bits) for m, t, bits in members)
+        return self._add(name, kind, len(members), size, tail)
+
+    def enum(self, name, values):
+        tail = b"".join(struct.pack("<Ii", self._s(n), v) for n, v in values)
+        return self._add(name, btfmod.ENUM, len(values), 4, tail)
+
+    def blob(self):
+        hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types), len(self.types),
+                          len(self.strings))
+        return hdr + self.types + self.strings
+
+
+def build_btf():
+    """iov_iter as since 6.4: u8 iter_type, ubuf/__iov in an anonymous union."""
+    b = BtfBuilder()
+    u8, u64 = b.int_("u8", 1), b.int_("u64", 8)
+    ptr = b.ptr(u8)
+    size_t = b.typedef("size_t", u64)
+    union = b.struct("", 8, [("ubuf", ptr, 0), ("__iov", ptr, 0)], kind=btfmod.UNION)
+    anon = b.struct("", 16, [("", union, 0), ("count", size_t, 64)])
+    b.struct("iov_iter", 40, [("iter_type", u8, 0), ("iov_offset", size_t, 64), ("", anon, 128),
+                              ("nr_segs", u64, 256)])
+    b.enum("iter_type", [("ITER_UBUF", 0), ("ITER_IOVEC", 1)])
+    return b.blob()
+
+
+ITER_TYPE_5_10 = [("ITER_IOVEC", 4), ("ITER_KVEC", 8), ("ITER_BVEC", 16), ("ITER_PIPE", 32),
+                  ("ITER_DISCARD", 64)]
+
+
+def build_btf_5_10(enum_name="iter_type", values=ITER_TYPE_5_10):
+    """iov_iter as in 4.20-5.13: `unsigned int type` (an enum iter_type bit | the direction),
+    the iov pointer in an anonymous union, no ubuf."""
+    b = BtfBuilder()
+    uint, u64 = b.int_("unsigned int", 4), b.int_("long unsigned int", 8)
+    ptr = b.ptr(uint)
+    size_t = b.typedef("size_t", u64)
+    union = b.struct("", 8, [("iov", ptr, 0), ("kvec", ptr, 0)], kind=btfmod.UNION)
+    b.struct("iov_iter", 40, [("type", uint, 0), ("iov_offset", size_t, 64),
+                              ("count", size_t, 128), ("", union, 192), ("nr_segs", u64, 256)])
+    b.enum(enum_name, values)
+    return b.blob()
 
 
 def test_offsets_through_anonymous_members():
@@ -52,6 +98,39 @@ def test_offsets_through_anonymous_members():
         b.member_offset("iov_iter", "nope")
     with pytest.raises(btfmod.BtfError):
         b.find(btfmod.STRUCT, "sock")
+
+
+def test_iter_type_layout_of_a_5_14_and_later_kernel():
+    """A byte of its own, 0-based enum values, ITER_UBUF present (6.0+)."""
+    layout = btfmod.iter_type_layout(btfmod.Btf(build_btf()))
+    assert layout == {"IMDS_OFF_ITER_TYPE": 0, "IMDS_ITER_TYPE_SIZE": 1,
+                      "IMDS_ITER_TYPE_MASK": 0xFF, "IMDS_ITER_IOVEC": 1, "IMDS_ITER_UBUF": 0}
+
+
+def test_iter_type_layout_of_a_5_10_kernel():
+    """The word shared with the direction bit: a writev's iterator holds ITER_IOVEC | WRITE =
+    5, which the mask turns into ITER_IOVEC; no ITER_UBUF, no ubuf offset."""
+    b = btfmod.Btf(build_btf_5_10())
+    consts = btfmod.iter_type_layout(b)
+    assert consts == {"IMDS_OFF_ITER_TYPE": 0, "IMDS_ITER_TYPE_SIZE": 4,
+                      "IMDS_ITER_TYPE_MASK": 4 | 8 | 16 | 32 | 64, "IMDS_ITER_IOVEC": 4,
+                      "IMDS_ITER_UBUF": -1}
+    write_iovec, read_kvec = 4 | 1, 8 | 0
+    assert write_iovec & consts["IMDS_ITER_TYPE_MASK"] == consts["IMDS_ITER_IOVEC"]
+    assert read_kvec & consts["IMDS_ITER_TYPE_MASK"] != consts["IMDS_ITER_IOVEC"]
+    assert b.member_offset("iov_iter", "iov") == 24 and not b.has_member("iov_iter", "ubuf")
+
+
+@pytest.mark.parametrize("blob,complaint", [
+    # 4.19 and older: the type values are an anonymous enum (ITER_IOVEC = 0, shared word)
+    (build_btf_5_10(enum_name=""), "no enum iter_type"),
+    # a shared word whose enum is not bit flags cannot be masked apart from the direction
+    (build_btf_5_10(values=[("ITER_IOVEC", 0), ("ITER_KVEC", 1)]), "not bit flags"),
+    (build_btf_5_10(values=[("ITER_KVEC", 8)]), "no ITER_IOVEC"),
+])
+def test_iter_type_layout_refuses_what_it_cannot_read(blob, complaint):
+    with pytest.raises(btfmod.BtfError, match=complaint):
+        btfmod.iter_type_layout(btfmod.Btf(blob))
 
 
 def test_bad_magic():
