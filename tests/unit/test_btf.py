@@ -127,7 +127,7 @@ def test_iter_type_layout_of_a_5_10_kernel():
     # a shared word whose enum is not bit flags cannot be masked apart from the direction
     (build_btf_5_10(values=[("ITER_IOVEC", 0), ("ITER_KVEC", 1)]), "not bit flags"),
     (build_btf_5_10(values=[("ITER_KVEC", 8)]), "no ITER_IOVEC"),
-])
+], ids=["4.19-anonymous-enum", "shared-word-not-flags", "no-iovec"])
 def test_iter_type_layout_refuses_what_it_cannot_read(blob, complaint):
     with pytest.raises(btfmod.BtfError, match=complaint):
         btfmod.iter_type_layout(btfmod.Btf(blob))
