@@ -272,13 +272,15 @@ class CgroupSource(KernelSource):
                               f"{self.root}: {getattr(exc, 'strerror', exc)}") from None
         try:
             for func, prog_type, attach_type in HOOKS:
-                fn = self.bpf.load_func(func.encode(), getattr(BPF, prog_type),
-                                        attach_type=attach_type)
+                prog_fd, ours = self._load_hook(func, getattr(BPF, prog_type), attach_type)
                 try:
-                    self._links.append(link_create(fn.fd, cgroup_fd, attach_type))
+                    self._links.append(link_create(prog_fd, cgroup_fd, attach_type))
                 except OSError as exc:
                     raise SourceError(f"cgroup backend: attaching {func} to {self.root} "
                                       f"failed: {exc.strerror}") from None
+                finally:
+                    if ours:   # the link holds the program
+                        os.close(prog_fd)
         finally:
             os.close(cgroup_fd)
         attached = len(self._links) + self._attach_process_cache()
@@ -291,6 +293,21 @@ class CgroupSource(KernelSource):
                 log.warning("sched:sched_process_exec not attached (%s): argv of processes "
                             "that exit early will be unknown", exc)
         return attached
+
+    def _load_hook(self, func: str, prog_type: int, attach_type: int) -> tuple[int, bool]:
+        """(program fd, whether we own it). BCC before 0.19 (Debian 11's 0.18) has no
+        attach_type for load_func, which cgroup/connect programs need at load: there, BCC's
+        compiled instructions are loaded with it directly."""
+        try:
+            return self.bpf.load_func(func.encode(), prog_type, attach_type=attach_type).fd, False
+        except TypeError:
+            pass
+        try:
+            return helpers.load_program(prog_type, attach_type,
+                                        self.bpf.dump_func(func.encode()), func), True
+        except (OSError, helpers.ProbeError) as exc:
+            raise SourceError(f"cgroup backend: loading {func} failed: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
 
     def _mount_private(self) -> None:
         try:

@@ -98,24 +98,40 @@ def ringbuf_map_supported() -> bool:
     raise ProbeError(f"bpf(BPF_MAP_CREATE) failed: {os.strerror(err)}")
 
 
-def helper_allowed(prog_type: int, attach_type: int, helper: str) -> bool:
-    """True when the kernel lets `prog_type` programs call `helper`. Raises ProbeError."""
+def _prog_load(prog_type: int, attach_type: int, code: bytes, name: bytes,
+               log_size: int) -> tuple[int, int, str]:
+    """bpf(BPF_PROG_LOAD): (fd or -1, errno, verifier log). Raises ProbeError."""
     nr = _bpf_syscall()
-    code = _calling(HELPERS[helper])
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(16384)
+    log = ctypes.create_string_buffer(max(log_size, 1))
     attr = ProgLoadAttr(prog_type=prog_type, insn_cnt=len(code) // 8,
                         insns=ctypes.addressof(insns), license=ctypes.addressof(license_),
-                        log_level=1, log_size=len(log), log_buf=ctypes.addressof(log),
-                        prog_name=b"imds_probe", expected_attach_type=attach_type)
+                        log_level=1 if log_size else 0, log_size=log_size,
+                        log_buf=ctypes.addressof(log) if log_size else 0,
+                        prog_name=name[:15], expected_attach_type=attach_type)
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.syscall(nr, BPF_PROG_LOAD, ctypes.byref(attr), ctypes.sizeof(attr))
+    return fd, ctypes.get_errno() if fd < 0 else 0, log.value.decode("ascii", "replace")
+
+
+def load_program(prog_type: int, attach_type: int, code: bytes, name: str) -> int:
+    """Loads compiled BPF instructions (BCC's, maps already resolved) with an expected
+    attach type, for BCC versions whose load_func cannot pass one (0.18, Debian 11): the
+    program fd. Raises OSError."""
+    fd, err, _ = _prog_load(prog_type, attach_type, code, name.encode(), 0)
+    if fd < 0:
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def helper_allowed(prog_type: int, attach_type: int, helper: str) -> bool:
+    """True when the kernel lets `prog_type` programs call `helper`. Raises ProbeError."""
+    fd, err, text = _prog_load(prog_type, attach_type, _calling(HELPERS[helper]),
+                               b"imds_probe", 16384)
     if fd >= 0:
         os.close(fd)
         return True
-    err = ctypes.get_errno()
-    text = log.value.decode("ascii", "replace")
     if any(refusal in text for refusal in REFUSALS):
         return False
     if err in (errno.EPERM, errno.ENOSYS) or not text:

@@ -28,3 +28,32 @@ def test_packet_program_without_current_task_helpers_loads_and_attaches(monkeypa
         assert source.start() == 6
     finally:
         source.stop()
+
+
+def test_hooks_load_with_a_bcc_whose_load_func_takes_no_attach_type(monkeypatch):
+    """BCC 0.18 (Debian 11) has no attach_type for load_func, and the kernel refuses to
+    attach a cgroup/connect program loaded without its expected attach type: the backend
+    loads BCC's compiled instructions itself and links each hook at the root of the cgroup v2
+    hierarchy with its attach type."""
+    from bcc import BPF
+
+    real = BPF.load_func
+
+    def load_func_0_18(self, func_name, prog_type, device=None, **kw):
+        if kw:
+            raise TypeError(f"load_func() got an unexpected keyword argument {next(iter(kw))!r}")
+        return real(self, func_name, prog_type, device)
+
+    monkeypatch.setattr(BPF, "load_func", load_func_0_18)
+    source = cgroup.CgroupSource(Config())
+    try:
+        assert source.start() == 6
+        linked = []
+        for fd in source._links:
+            info = dict(line.split(":\t", 1) for line in
+                        open(f"/proc/self/fdinfo/{fd}").read().splitlines() if ":\t" in line)
+            linked.append((info["link_type"], int(info["cgroup_id"]), int(info["attach_type"])))
+        assert linked == [("cgroup", cgroup.ROOT_CGROUP_INO, attach)
+                          for _, _, attach in cgroup.HOOKS]
+    finally:
+        source.stop()
