@@ -57,6 +57,8 @@ def check_bpf_syscall() -> Check:
     nr = SYS_BPF.get(platform.machine())
     if nr is None:
         return Check("BPF syscall", True, f"not probed on {platform.machine()}", required=False)
+    from .sources.helpers import raise_memlock
+    raise_memlock()
     libc = ctypes.CDLL(None, use_errno=True)
 
     class MapAttr(ctypes.Structure):

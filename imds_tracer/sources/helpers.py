@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import platform
+import resource
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
@@ -76,7 +77,19 @@ class ProbeError(Exception):
     """The kernel would not say (no BPF syscall, not permitted)."""
 
 
+def raise_memlock() -> None:
+    """Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK, counted per user:
+    with an agent running, root's 64 KiB default is used up and a probe's map create fails
+    with EPERM. Lifted, as BCC does for itself when it loads (and the systemd unit with
+    LimitMEMLOCK=infinity)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY,) * 2)
+    except (ValueError, OSError):
+        pass   # not permitted: the bpf() call says so
+
+
 def _bpf_syscall() -> int:
+    raise_memlock()
     nr = SYS_BPF.get(platform.machine())
     if nr is None:
         raise ProbeError(f"bpf syscall number unknown on {platform.machine()}")
