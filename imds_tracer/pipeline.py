@@ -132,7 +132,8 @@ class Pipeline:
         if self.enricher is not None:
             process, parents, container = self.enricher.describe(snap)
         else:
-            process, parents, container = ProcessInfo(snap.pid, snap.comm, snap.argv), (), None
+            process, parents, container = ProcessInfo(
+                snap.pid, snap.comm, snap.argv, argv_truncated=snap.argv_truncated), (), None
         story = (self._safe_process(process), tuple(map(self._safe_process, parents)),
                  container)
         if len(self._stories) >= STORY_CACHE:
