@@ -18,7 +18,7 @@ from datetime import datetime
 
 from ..model import ProcessInfo, RequestRecord
 from ..redact import delimit
-from .files import RotatingFile
+from .files import DirectoryLock, RotatingFile
 
 LOG_NAME = "imds-trace.log"
 ARGV_CUT = "...[truncated]"  # ends an argv the kernel kept only the start of
@@ -109,7 +109,13 @@ class TraceLogSink:
     def __init__(self, directory: str, max_bytes: int = 1024 * 1024, backups: int = 5,
                  on_failure=None):
         # on_failure: called with the number of lines lost
-        self.file = RotatingFile(directory, LOG_NAME, max_bytes, backups, on_failure=on_failure)
+        self.lock = DirectoryLock(directory)  # before anything is written there
+        try:
+            self.file = RotatingFile(directory, LOG_NAME, max_bytes, backups,
+                                     on_failure=on_failure)
+        except BaseException:
+            self.lock.release()
+            raise
 
     def _write(self, line: str) -> None:
         self.file.add(line)
@@ -131,3 +137,4 @@ class TraceLogSink:
     def close(self) -> None:
         self.flush()
         self.file.close()
+        self.lock.release()
