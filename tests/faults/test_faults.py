@@ -479,3 +479,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_sighup_with_a_symlink_planted_as_the_log_writes_nothing_through_it(lab, agents,
+                                                                           tmp_path):
+    agent = agents().start()
+    marker = "fault-symlink-" + secrets.token_hex(4)
+    curl(lab, f"/latest/meta-data/{marker}/before")
+    assert agent.wait_records(marker, 1)
+    target = tmp_path / "not-a-log"
+    target.write_text("precious\n")
+    target.chmod(0o644)
+    log = agent.log_dir / "imds-trace.log"
+    log.unlink()
+    log.symlink_to(target)                   # planted where the agent's log was
+    agent.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    curl(lab, f"/latest/meta-data/{marker}/after")
+    assert len(agent.wait_records(marker, 2)) == 2
+    time.sleep(0.5)                          # a poll or two: the line would be written now
+    assert target.read_text() == "precious\n"
+    assert (target.stat().st_mode & 0o777) == 0o644
+    assert log.is_symlink()
+    assert agent.metric("imds_tracer_dropped_total", 'kind="log_write"') >= 1
+    assert agent.alive()
+    assert agent.stop() == 0
