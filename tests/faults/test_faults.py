@@ -30,7 +30,8 @@ from imds_tracer import report
 from imds_tracer.cli import _build
 from imds_tracer.config import Config
 from imds_tracer.sources.replay import PcapReplay
-from tests.lab.agent import AgentProcess
+from tests.lab.agent import AgentProcess, free_port
+from tests.unprivileged import NOBODY, base_python
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -417,9 +418,9 @@ def idle_connections(port: int, count: int = IDLE_CLIENTS):
     """`count` connections to the metrics port that send nothing, opened by uid 65534 (any
     local user can), held while the block runs; yields how many it could open in 30 s."""
     need_root("switching to uid 65534")
-    proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                             PYTHON, "-c", IDLE_OPENER, str(port), str(count)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # the OS interpreter, from /: the checkout and its venv may be closed to other users
+    proc = subprocess.Popen([*NOBODY, base_python(), "-c", IDLE_OPENER, str(port), str(count)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         word, opened = proc.stdout.readline().split()
         yield int(opened)
@@ -474,11 +475,6 @@ def test_idle_connections_leave_scrapes_and_capture_working(lab, agents):
     assert agent.alive()
     assert agent.stop() == 0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sighup_with_a_symlink_planted_as_the_log_writes_nothing_through_it(lab, agents,
