@@ -210,7 +210,9 @@ def _escape_pattern(extra: str) -> re.Pattern:
 
 def escape_fields(value):
     """`value` with every string in it escaped, at any depth: strings, tuples, lists, dicts
-    (keys too) and dataclasses. The one escaping path of every record the sinks receive."""
+    (keys too) and dataclasses. The one escaping path of every record the sinks receive. A
+    frozen dataclass (a process, a container) is escaped once and remembered; a mutable one
+    (a record, made fresh for this) is escaped in place."""
     if isinstance(value, str):
         return value if is_plain(value) else escape(value)
     if value is None or isinstance(value, (int, float)):
@@ -220,29 +222,44 @@ def escape_fields(value):
     if isinstance(value, list):
         return list(map(escape_fields, value))
     if isinstance(value, dict):
+        if all(type(k) is str and type(v) is str and is_plain(k) and is_plain(v)
+               for k, v in value.items()):
+            return value  # the usual headers: nothing to do
         return {escape_fields(k): escape_fields(v) for k, v in value.items()}
     if dataclasses.is_dataclass(value):
         if value.__dataclass_params__.frozen:
             return _escape_frozen(value)
-        return _escape_dataclass(value)
+        for name in _field_names(type(value)):
+            # the usual field inline: a plain string, a number, None (one call per record
+            # instead of one per field)
+            field = getattr(value, name)
+            kind = type(field)
+            if kind is str:
+                if not (field.isascii() and field.isprintable() and "\\" not in field):
+                    setattr(value, name, escape(field))
+            elif field is not None and kind not in _SCALARS:
+                setattr(value, name, escape_fields(field))
+        return value
     return escape(str(value))
+
+
+_SCALARS = (int, float, bool)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 @functools.lru_cache(maxsize=4096)
 def _escape_frozen(value):
     # processes and containers repeat from request to request: escaped once each
-    return _escape_dataclass(value)
-
-
-def _escape_dataclass(value):
     changes = {}
-    for f in dataclasses.fields(value):
-        if not f.init:
-            continue
-        old = getattr(value, f.name)
+    for name in _field_names(type(value)):
+        old = getattr(value, name)
         new = escape_fields(old)
-        if new is not old and new != old:
-            changes[f.name] = new
+        if new != old:
+            changes[name] = new
     return dataclasses.replace(value, **changes) if changes else value
 
 
