@@ -411,8 +411,12 @@ class KernelSource:
         try:
             self.handle_event(ev, payload)
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the agent
-            log.error("kernel event of kind %d dropped: %s: %s", ev.kind,
-                      type(exc).__name__, exc)
+            # where, not the message: that may quote what a process sent (a secret, ESC)
+            tb = exc.__traceback__
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            log.error("kernel event of kind %d dropped: %s in %s line %d", ev.kind,
+                      type(exc).__name__, tb.tb_frame.f_code.co_name, tb.tb_lineno)
             if self._pipeline is not None:
                 self._pipeline.drop("event_error", 1)
 
