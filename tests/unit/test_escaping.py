@@ -18,8 +18,8 @@ from datetime import timedelta
 import pytest
 from prometheus_client import generate_latest
 
-from imds_tracer import report
-from imds_tracer.model import Container, ProcessInfo, RequestRecord
+from imds_tracer import model, report
+from imds_tracer.model import Container, RequestRecord
 from imds_tracer.redact import escape_fields
 from imds_tracer.sinks.console import ConsoleSink
 from imds_tracer.sinks.jsonl import to_dict
@@ -32,7 +32,9 @@ CLEAN = re.compile(r"[\x20-\x7e]*")
 # What the agent itself decides and prints as is (the level is the line's anchor; the mode
 # is a word from a table): no process writes these. Every other string is hostile here.
 AGENT_VOCABULARY = {"level": "WARNING", "mode": "normal"}
-NESTED = {"ProcessInfo": ProcessInfo, "Container": Container}
+# every dataclass of the model: a record field of a new dataclass type is filled too
+NESTED = {name: cls for name, cls in vars(model).items()
+          if dataclasses.is_dataclass(cls) and cls.__module__ == model.__name__}
 
 
 def _value(annotation: str, text: str, name: str):
@@ -40,9 +42,9 @@ def _value(annotation: str, text: str, name: str):
     if name in AGENT_VOCABULARY:
         return AGENT_VOCABULARY[name]
     for cls_name, cls in NESTED.items():
-        if annotation.startswith(f"tuple[{cls_name}"):
+        if re.match(rf"(tuple|list)\[{cls_name}\b", annotation):
             return (_build(cls, text), _build(cls, text))
-        if cls_name in annotation:
+        if re.match(rf"{cls_name}\b", annotation):
             return _build(cls, text)
     if annotation.startswith("tuple[str") or annotation.startswith("list[str"):
         return (text, "--opt=" + text, text)
