@@ -12,6 +12,9 @@
  *       user space reassembles them by TCP sequence number with the replay's decoder, so
  *       retransmits and GSO are handled as in a capture. sendmmsg, sendfile, io_uring and
  *       inherited sockets all end up as packets here.
+ *       The owner of a packet is the task its socket's cookie was remembered with at
+ *       connect: cgroup_skb programs run in softirq too and may not ask for the current task
+ *       on every kernel (see fill_unattributed).
  *   sched:sched_process_exec, sched:sched_process_fork   argv and parent, for processes that
  *       exit before user space reads /proc. argv is read from the new image's argument area:
  *       task_struct.mm and mm_struct.arg_start/arg_end offsets come from the running kernel's
@@ -147,6 +150,31 @@ int imds_connect6(struct bpf_sock_addr *ctx)
     return on_connect(ctx, &key, IMDS_AF_INET6);
 }
 
+/* A packet of a socket the connect hooks did not see: connected before the hooks were
+ * attached. As far as the kernel can tell, it belongs to the task sending on it -- where the
+ * kernel lets cgroup_skb programs ask (IMDS_SKB_CURRENT_TASK: 6.18 does, Debian's 5.10 and
+ * 6.1 do not; user space probes it). A received packet is handled in softirq context, where
+ * the current task is unrelated: no owner then. */
+static __always_inline void fill_unattributed(struct __sk_buff *skb, struct imds_buf *b,
+                                              int ingress, __u64 cookie)
+{
+#ifdef IMDS_SKB_CURRENT_TASK
+    if (!ingress) {
+        imds_fill_task(&b->ev, IMDS_EV_PACKET);
+        b->ev.cgroup_id = bpf_skb_cgroup_id(skb);
+        b->ev.flags = IMDS_F_OWNER_GUESSED;
+        if (b->ev.tgid)
+            remember_sock(cookie, &b->ev, IMDS_F_OWNER_GUESSED);
+        return;
+    }
+#endif
+    __builtin_memset(&b->ev, 0, sizeof(b->ev));
+    b->ev.ts_ns = bpf_ktime_get_ns();
+    b->ev.cgroup_id = bpf_skb_cgroup_id(skb);
+    b->ev.kind = IMDS_EV_PACKET;
+    b->ev.flags = IMDS_F_OWNER_GUESSED;
+}
+
 /* Fills the scratch event for a packet of a watched socket: owner, address, the bytes from
  * the IP header on. Returns 0, or -1 when the bytes could not be read. */
 static __always_inline int fill_packet(struct __sk_buff *skb, struct imds_buf *b, int ingress,
@@ -168,20 +196,7 @@ static __always_inline int fill_packet(struct __sk_buff *skb, struct imds_buf *b
         b->ev.fd_last = 0;
         __builtin_memcpy(b->ev.comm, s->comm, sizeof(b->ev.comm));
     } else {
-        /* connected before the hooks were attached: the socket belongs, as far as the
-         * kernel can tell, to the task sending on it. A received packet is handled in
-         * softirq context, where the current task is unrelated: no owner then. */
-        imds_fill_task(&b->ev, IMDS_EV_PACKET);
-        b->ev.cgroup_id = bpf_skb_cgroup_id(skb);
-        b->ev.flags = IMDS_F_OWNER_GUESSED;
-        if (ingress) {
-            b->ev.tgid = 0;
-            b->ev.tid = 0;
-            b->ev.ppid = 0;
-            b->ev.comm[0] = 0;
-        } else if (b->ev.tgid) {
-            remember_sock(cookie, &b->ev, IMDS_F_OWNER_GUESSED);
-        }
+        fill_unattributed(skb, b, ingress, cookie);
     }
     if (ingress)
         b->ev.flags |= IMDS_F_INGRESS;
@@ -193,11 +208,15 @@ static __always_inline int fill_packet(struct __sk_buff *skb, struct imds_buf *b
 
     __u64 limit = headers + (ingress ? IMDS_RESPONSE_BYTES : IMDS_PAYLOAD_LIMIT);
     __u64 n = skb->len < limit ? skb->len : limit;
-    asm volatile("" : "+r"(n));
+    if (n == 0)
+        return -1;
     if (n > 2 * IMDS_PAYLOAD_CAP - 1)
         n = 2 * IMDS_PAYLOAD_CAP - 1;
-    n &= 2 * IMDS_PAYLOAD_CAP - 1;
-    if (n == 0 || bpf_skb_load_bytes(skb, 0, b->payload, n) != 0)
+    asm volatile("" : "+r"(n));
+    /* 1 .. 2 * CAP, in a form the 5.10 and 6.1 verifiers bound from below too: they do not
+     * learn n != 0 from the test above, and bpf_skb_load_bytes refuses a size that may be 0 */
+    n = ((n - 1) & (2 * IMDS_PAYLOAD_CAP - 1)) + 1;
+    if (bpf_skb_load_bytes(skb, 0, b->payload, n) != 0)
         return -1;
     b->ev.payload_len = n;
     b->ev.lost_bytes = skb->len - n;

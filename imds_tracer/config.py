@@ -6,14 +6,10 @@ one-line message that names it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import ipaddress
 import os
 from dataclasses import dataclass, field
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
 
 DEFAULT_CONFIG_PATH = "/etc/imds-tracer/config.toml"
 DEFAULT_LOG_DIR = "/var/log/imds"
@@ -170,6 +166,23 @@ SCHEMA = {
 }
 
 
+# Python 3.11 reads TOML itself; before it, the tomli package (its origin), or the older toml
+TOML_MODULES = ("tomllib", "tomli", "toml")
+
+
+def toml_parser():
+    """(loads, its decode error) from the first TOML module importable. Raises ConfigError."""
+    for name in TOML_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        error = getattr(module, "TOMLDecodeError", None) or getattr(module, "TomlDecodeError")
+        return module.loads, error
+    raise ConfigError("reading the config file needs a TOML parser: install python3-tomli "
+                      "(or python3-toml), or run on Python 3.11+")
+
+
 def load(path: str | None, *, required: bool = False) -> Config:
     """Read a config file over the defaults. A missing default file is fine; a named one is not."""
     config = Config()
@@ -177,16 +190,17 @@ def load(path: str | None, *, required: bool = False) -> Config:
         path = DEFAULT_CONFIG_PATH
         if not os.path.exists(path):
             return config
+    parse, decode_error = toml_parser()
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        with open(path, encoding="utf-8") as fh:
+            data = parse(fh.read())
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path}: not found") from None
         return config
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (decode_error, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
     apply(config, data, origin=path)
     return config

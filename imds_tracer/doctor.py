@@ -77,13 +77,21 @@ def check_bpf_syscall() -> Check:
 
 
 def check_cgroup2() -> Check:
-    from .sources.cgroup import CgroupSource, cgroup2_root
+    from .sources.cgroup import (PRIVATE_CGROUP2, CgroupSource, cgroup2_root,
+                                 hook_support)
+    why_not = CgroupSource.unavailable_reason()
+    if why_not:
+        return Check("cgroup v2", False, why_not, "the kprobe and tracepoint backends work "
+                     "without it", required=False)
     root = cgroup2_root()
-    if root:
-        return Check("cgroup v2", True, f"root of the hierarchy at {root} (the cgroup backend's "
-                     "socket hooks attach to it)", required=False)
-    return Check("cgroup v2", False, CgroupSource.unavailable_reason() or "not usable",
-                 "mount the cgroup v2 root (cgroup backend)", required=False)
+    where = (f"root of the hierarchy at {root}" if root else
+             f"none mounted (a cgroup v1 host): the cgroup backend mounts its own at "
+             f"{PRIVATE_CGROUP2} while it runs (needs CAP_SYS_ADMIN)")
+    owners = ("packets of sockets connected before the agent started are attributed to "
+              "their sender" if hook_support().packet_current_task else
+              "this kernel's cgroup_skb programs may not ask for the current task: requests "
+              "on sockets connected before the agent started are logged without a process")
+    return Check("cgroup v2", True, f"{where}; {owners}", required=False)
 
 
 def check_tracefs() -> Check:
@@ -189,12 +197,14 @@ def check_capabilities() -> Check:
 
 
 def check_bcc() -> Check:
+    from .sources.base import SourceError
+    from .sources.bcc_module import INSTALL_HINT, import_bcc
     try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return Check("BCC", False, f"not importable from {sys.executable}",
-                     "apt-get install python3-bpfcc; run from a venv made with "
-                     "--system-site-packages by the OS python")
+        bcc = import_bcc()
+    except SourceError:
+        return Check("BCC", False, f"not importable from {sys.executable}, nor found in "
+                     "another Python's site-packages", INSTALL_HINT + "; a venv needs "
+                     "--system-site-packages")
     version = getattr(bcc, "__version__", "?")
     return Check("BCC", True, f"bcc {version} ({Path(bcc.__file__).parent})")
 
@@ -211,31 +221,34 @@ def check_lockdown() -> Check:
                  "from BPF", required=False)
 
 
-def choose_backend() -> tuple[str | None, list[str]]:
-    from .sources.kernel import backend_classes
-    reasons = []
-    for cls in backend_classes().values():
-        why = cls.unavailable_reason()
-        if why is None:
-            return cls.name, reasons
-        reasons.append(f"{cls.name}: {why}")
-    return None, reasons
-
-
-def dry_run(config, backend: str) -> Check:
+def dry_run(config) -> tuple[Check, str | None, list[str]]:
+    """Selects, compiles, loads and attaches the backend `run --backend auto` would use (the
+    same function run calls), then detaches it: (check, backend, backends passed over)."""
     from .sources.base import SourceError
-    from .sources.kernel import open_source
+    from .sources.kernel import select_backend
     started = time.monotonic()
     try:
-        source = open_source(config, backend)
+        source, passed_over = select_backend(config, "auto")
     except SourceError as exc:
-        return Check("dry run", False, str(exc), "see the failed checks above")
+        return Check("dry run", False, str(exc), "see the failed checks above"), None, []
     try:
         took = time.monotonic() - started
         return Check("dry run", True, f"{source.name} backend compiled, loaded and attached "
-                     f"{source.probes} probes in {took:.1f}s, then detached")
+                     f"{source.probes} probes in {took:.1f}s, then detached"), \
+            source.name, passed_over
     finally:
         source.stop()
+
+
+def guess_backend(config) -> tuple[str | None, list[str]]:
+    """Without loading: the first backend the checks that need no compile do not rule out."""
+    from .sources.base import SourceError
+    from .sources.kernel import select_backend
+    try:
+        source, passed_over = select_backend(config, "auto", load=False)
+    except SourceError:
+        return None, []
+    return source.name, passed_over
 
 
 def main(config, *, load: bool = True, out=None) -> int:
@@ -245,18 +258,23 @@ def main(config, *, load: bool = True, out=None) -> int:
     checks = [check_bpf_syscall(), check_capabilities(), check_bcc(), check_cgroup2(),
               check_tracefs(), check_syscall_tracepoints(), check_kprobes(), check_btf(),
               check_headers(), check_lockdown()]
-    backend, why_not = choose_backend()
     essentials = all(c.ok for c in checks if c.required)
-    if backend and essentials and load:
-        checks.append(dry_run(config, "auto"))
+    if essentials and load:
+        check, backend, why_not = dry_run(config)
+        checks.append(check)
+    else:
+        backend, why_not = guess_backend(config)
     for c in checks:
         mark = "ok" if c.ok else ("MISSING" if c.required else "no")
         print(f"  [{mark:>7}] {c.name}: {c.detail}", file=out)
         if not c.ok and c.fix:
             print(f"            fix: {c.fix}", file=out)
     runnable = backend is not None and all(c.ok for c in checks if c.required)
-    if runnable:
+    if runnable and load:
         print(f"backend: --backend auto would use {backend}", file=out)
+    elif runnable:
+        print(f"backend: --backend auto would try {backend} first (not loaded: the load test "
+              "may still refuse it)", file=out)
     else:
         print("backend: none can run here", file=out)
     for reason in why_not:

@@ -20,7 +20,7 @@ MAX_PENDING = 64      # requests awaiting a response on one connection
 SEQ_MOD = 1 << 32
 
 
-@dataclass(slots=True)
+@dataclass
 class _Stream:
     """One direction of a connection."""
     buf: bytearray = field(default_factory=bytearray)
@@ -33,7 +33,7 @@ class _Stream:
     started: float = 0.0           # time of the first chunk of the message being buffered
 
 
-@dataclass(slots=True)
+@dataclass
 class _Flow:
     dst_ip: str
     dst_port: int

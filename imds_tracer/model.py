@@ -16,7 +16,7 @@ class Direction(enum.Enum):
     RESPONSE = "response"  # bytes the local process received back
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ProcessSnapshot:
     """What the kernel knew about the sender at send time. Unknown fields are None."""
     pid: int
@@ -30,7 +30,7 @@ class ProcessSnapshot:
     argv_truncated: bool = False  # the kernel kept only the start of a longer argv
 
 
-@dataclass(slots=True)
+@dataclass
 class Chunk:
     """One piece of a connection's byte stream, as a source saw it."""
     flow: Hashable           # stable for the life of one connection, unique among live ones
@@ -45,7 +45,7 @@ class Chunk:
     lost: int = 0            # bytes that followed `data` in this send but were not copied
 
 
-@dataclass(slots=True)
+@dataclass
 class RequestHead:
     """A parsed request head; read-only once made. (Not frozen: one is made per request, and
     a frozen dataclass's __init__ costs twice as much.)"""
@@ -74,7 +74,7 @@ class RequestHead:
         return self.target.split("?", 1)[0]
 
 
-@dataclass(slots=True)
+@dataclass
 class Exchange:
     """A request (parsed or not) on one flow, with the response status once seen."""
     flow: Hashable
@@ -89,7 +89,7 @@ class Exchange:
     truncated: bool = False           # part of the head was not captured
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Classification:
     provider: str    # aws aliyun azure gcp oci openstack digitalocean tencent unknown
     mode: str        # normal hardened n/a unknown
@@ -98,7 +98,7 @@ class Classification:
     note: str | None = None  # why, when the level was lowered (e.g. another cloud's probe)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ProcessInfo:
     pid: int | None
     comm: str | None
@@ -107,14 +107,14 @@ class ProcessInfo:
     argv_truncated: bool = False  # argv is the start of a longer one (shown with a marker)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Container:
     runtime: str            # docker containerd cri-o podman kubernetes systemd-nspawn lxc
     id: str | None
     pod_uid: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass
 class RequestRecord:
     """Everything the sinks need about one request. Secrets already redacted."""
     time: float

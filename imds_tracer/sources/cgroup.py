@@ -15,11 +15,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple, Optional
 
+from . import helpers
 from .base import SourceError
+from .bcc_module import import_bcc
 from .btf import VMLINUX_BTF, Btf, BtfError, exec_argv_constants
 from .kernel import EV_PACKET, EventHeader, KernelSource, ringbuf_supported
 from .packets import TcpDemux
@@ -37,6 +41,42 @@ HOOKS = (
     ("imds_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
     ("imds_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
 )
+
+
+# helpers each program type must be allowed to call, and the ones a packet program uses when
+# it may (a socket connected before the agent started is then attributed to its sender)
+CONNECT_HELPERS = ("get_socket_cookie", "get_current_pid_tgid", "get_current_uid_gid",
+                   "get_current_comm", "get_current_cgroup_id", "ringbuf_output")
+PACKET_HELPERS = ("get_socket_cookie", "skb_load_bytes", "skb_cgroup_id", "ringbuf_output")
+PACKET_TASK_HELPERS = ("get_current_pid_tgid", "get_current_uid_gid", "get_current_comm",
+                       "get_current_cgroup_id")
+
+
+class HookSupport(NamedTuple):
+    refused: Optional[str]       # why the hooks cannot be built on this kernel, or None
+    packet_current_task: bool    # cgroup_skb programs may ask for the current task
+
+
+@functools.lru_cache(maxsize=1)
+def hook_support() -> HookSupport:
+    """What the running kernel lets the cgroup hooks call, by load test (helpers.py)."""
+    try:
+        connect = helpers.allowed_helpers(helpers.PROG_CGROUP_SOCK_ADDR,
+                                          helpers.ATTACH_CGROUP_INET4_CONNECT,
+                                          CONNECT_HELPERS)
+        packet = helpers.allowed_helpers(helpers.PROG_CGROUP_SKB,
+                                         helpers.ATTACH_CGROUP_INET_EGRESS,
+                                         PACKET_HELPERS + PACKET_TASK_HELPERS)
+    except helpers.ProbeError:
+        # not permitted to ask: loading will fail with its own reason; build the variant
+        # every kernel accepts
+        return HookSupport(None, False)
+    refused = [f"bpf_{name} in cgroup/connect programs" for name in CONNECT_HELPERS
+               if not connect[name]]
+    refused += [f"bpf_{name} in cgroup_skb programs" for name in PACKET_HELPERS
+                if not packet[name]]
+    return HookSupport("the kernel refuses " + ", ".join(refused) if refused else None,
+                       all(packet[name] for name in PACKET_TASK_HELPERS))
 
 
 ROOT_CGROUP_INO = 1   # kernfs gives the root of the hierarchy inode 1 (its cgroup id)
@@ -70,6 +110,46 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
         except OSError:
             continue
     return None
+
+
+# Where a host mounts no cgroup v2 hierarchy (cgroup v1 only: the EL8 and Alibaba Cloud
+# Linux 3 defaults), the agent mounts its own for the hooks. The v2 hierarchy exists in the
+# kernel all the same; with no controller in it every process sits in its root, so hooks
+# attached there see every socket. Unmounted when the agent stops.
+PRIVATE_CGROUP2 = Path("/run/imds-tracer/cgroup2")
+MNT_DETACH = 2
+
+
+def cgroup2_supported(filesystems: Path = Path("/proc/filesystems")) -> bool:
+    try:
+        return any(line.split()[-1:] == ["cgroup2"] for line in filesystems.read_text().splitlines())
+    except OSError:
+        return False
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount_private_cgroup2(path: Path = PRIVATE_CGROUP2) -> str:
+    """Mounts the root of the cgroup v2 hierarchy at `path`. Raises OSError."""
+    path.mkdir(parents=True, exist_ok=True)
+    if _libc().mount(b"none", str(path).encode(), b"cgroup2", 0, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    if os.stat(path).st_ino != ROOT_CGROUP_INO:   # a cgroup namespace shows its own sub-tree
+        unmount_private_cgroup2(path)
+        raise OSError(errno.EPERM, "the mount shows a sub-tree, not the root (a cgroup "
+                                   "namespace?)")
+    return str(path)
+
+
+def unmount_private_cgroup2(path: Path = PRIVATE_CGROUP2) -> None:
+    _libc().umount2(str(path).encode(), MNT_DETACH)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 _libbpf = None
@@ -106,6 +186,7 @@ class CgroupSource(KernelSource):
     def __init__(self, config):
         super().__init__(config)
         self.root = cgroup2_root()
+        self.private_mount = False
         self.demux = TcpDemux(config.addresses, config.ports, self.name,
                               max_conns=config.max_flows)
         self.exec_argv = False
@@ -115,16 +196,26 @@ class CgroupSource(KernelSource):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if not ringbuf_supported():
-            return "kernel older than 5.8 (needs BPF ring buffers and cgroup BPF links)"
+            return "the kernel has no BPF ring buffers (mainline 5.8)"
+        refused = hook_support().refused
+        if refused:
+            return refused
         if cgroup2_root() is None:
             if cgroup2_mounts():
                 return ("the cgroup v2 mount shows a sub-tree, not the root of the hierarchy "
                         "(a cgroup namespace?): mount the host's /sys/fs/cgroup")
-            return "no cgroup v2 hierarchy mounted (mount -t cgroup2 none /sys/fs/cgroup)"
-        return None
+            if not cgroup2_supported():
+                return "the kernel has no cgroup2 filesystem"
+        return None   # no v2 mount on a v1 host: start() mounts a private one
 
     def _cflags(self) -> list[str]:
         flags = super()._cflags() + [f"-DIMDS_PORT_MATCH(p)={port_match(self.config.ports)}"]
+        if hook_support().packet_current_task:
+            flags.append("-DIMDS_SKB_CURRENT_TASK")
+        else:
+            log.info("cgroup backend: this kernel lets cgroup_skb programs call no "
+                     "current-task helper: requests on sockets connected before the agent "
+                     "started are logged without their process")
         try:
             constants = exec_argv_constants(Btf.load(VMLINUX_BTF))
         except BtfError as exc:
@@ -137,8 +228,10 @@ class CgroupSource(KernelSource):
         return f"no cgroup hook attached to {self.root}; see imds-tracer doctor"
 
     def _attach(self) -> int:
-        from bcc import BPF  # noqa: WPS433 - lazy on purpose
+        BPF = import_bcc().BPF
 
+        if self.root is None:
+            self._mount_private()
         try:
             cgroup_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         except (OSError, TypeError) as exc:
@@ -166,6 +259,18 @@ class CgroupSource(KernelSource):
                             "that exit early will be unknown", exc)
         return attached
 
+    def _mount_private(self) -> None:
+        try:
+            self.root = mount_private_cgroup2()
+        except OSError as exc:
+            raise SourceError(f"cgroup backend: no cgroup v2 hierarchy mounted (a cgroup v1 "
+                              f"host) and mounting one at {PRIVATE_CGROUP2} failed: "
+                              f"{exc.strerror}") from None
+        self.private_mount = True
+        log.warning("cgroup backend: no cgroup v2 hierarchy mounted (a cgroup v1 host): "
+                    "mounted one at %s for the socket hooks, every process is in its root; "
+                    "unmounted at exit", self.root)
+
     def stop(self) -> None:
         links, self._links = self._links, []
         for fd in links:   # closing the last reference to a link detaches its program
@@ -174,6 +279,9 @@ class CgroupSource(KernelSource):
             except OSError:
                 pass
         super().stop()
+        if self.private_mount:
+            self.private_mount = False
+            unmount_private_cgroup2()
 
     def handle_event(self, ev: EventHeader, payload: bytes) -> None:
         if ev.kind != EV_PACKET:

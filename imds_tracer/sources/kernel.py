@@ -19,10 +19,11 @@ import re
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING, Hashable, List, NamedTuple
 
 from ..model import Chunk, Direction, ProcessSnapshot
 from .base import SourceError
+from .bcc_module import import_bcc
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -142,9 +143,14 @@ def tracepoint_field_offset(category: str, event: str, field: str,
 
 
 def ringbuf_supported() -> bool:
-    """BPF ring buffers exist since Linux 5.8."""
-    match = re.match(r"(\d+)\.(\d+)", platform.release())
-    return bool(match) and (int(match.group(1)), int(match.group(2))) >= (5, 8)
+    """BPF ring buffers: asked of the kernel (a map created and closed); by the version
+    (mainline 5.8) only where the kernel will not say."""
+    from .helpers import ProbeError, ringbuf_map_supported
+    try:
+        return ringbuf_map_supported()
+    except ProbeError:
+        match = re.match(r"(\d+)\.(\d+)", platform.release())
+        return bool(match) and (int(match.group(1)), int(match.group(2))) >= (5, 8)
 
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w./-]+)"\s*$', re.M)
@@ -171,11 +177,7 @@ def bpf_source(filename: str, _seen: set | None = None) -> str:
 
 def load_bpf(filename: str, cflags: list[str]):
     """Compile bpf/<filename> with BCC. Raises SourceError with a one-line reason."""
-    try:
-        from bcc import BPF  # noqa: WPS433 - lazy on purpose
-    except ImportError:
-        raise SourceError("BCC is not importable (install python3-bpfcc and run from a venv "
-                          "made with --system-site-packages); see imds-tracer doctor") from None
+    BPF = import_bcc().BPF  # lazy on purpose: raises SourceError naming the package
     path = BPF_DIR / filename
     try:
         text = bpf_source(filename)
@@ -562,36 +564,56 @@ def backend_classes() -> dict:
     return {cls.name: cls for cls in (CgroupSource, KprobeSource, TracepointSource)}
 
 
-def open_source(config: "Config", backend_name: str):
-    """The started source for --backend auto|cgroup|kprobe|tracepoint. Raises SourceError."""
+class Selection(NamedTuple):
+    source: "KernelSource"
+    passed_over: List[str]   # "<backend>: <why it cannot run here>", in the order tried
+
+
+def candidates(backend_name: str) -> list:
+    """The source classes --backend NAME tries, in order. Raises SourceError."""
     backends = backend_classes()
     if backend_name == "auto":
-        candidates = list(backends.values())
-    elif backend_name in backends:
-        candidates = [backends[backend_name]]
-    else:
-        raise SourceError(f"unknown backend {backend_name!r} "
-                          f"(use auto, {', '.join(backends)})")
-    reasons = []
-    for cls in candidates:
-        source = cls(config)
+        return list(backends.values())
+    if backend_name in backends:
+        return [backends[backend_name]]
+    raise SourceError(f"unknown backend {backend_name!r} (use auto, {', '.join(backends)})")
+
+
+def select_backend(config: "Config", backend_name: str, *, load: bool = True) -> Selection:
+    """The started source for --backend auto|cgroup|kprobe|tracepoint, and why each backend
+    tried before it could not run. `run` and `doctor` both call this: what doctor says auto
+    would use is what run uses. With load=False, the first backend not ruled out by the
+    checks that need no compile (not started: a guess that loading may still refute).
+    Raises SourceError."""
+    passed_over = []
+    for cls in candidates(backend_name):
         why_not = cls.unavailable_reason()
         if why_not:
             if backend_name != "auto":
                 raise SourceError(f"{cls.name} backend cannot run: {why_not}; "
                                   "use --backend auto; see imds-tracer doctor")
-            log.info("backend %s not usable: %s", cls.name, why_not)
-            reasons.append(f"{cls.name}: {why_not}")
+            passed_over.append(f"{cls.name}: {why_not}")
             continue
+        source = cls(config)
+        if not load:
+            return Selection(source, passed_over)
         try:
             source.start()
         except SourceError as exc:
             if backend_name != "auto":
                 raise
-            log.warning("backend %s failed to start: %s", cls.name, exc)
-            reasons.append(f"{cls.name}: {exc}")
+            passed_over.append(f"{cls.name}: {exc}")
             continue
-        if backend_name == "auto":
-            log.info("backend auto: using %s (%d probes)", source.name, source.probes)
-        return source
-    raise SourceError("no backend could start (" + "; ".join(reasons) + "); see imds-tracer doctor")
+        return Selection(source, passed_over)
+    raise SourceError("no backend could start (" + "; ".join(passed_over)
+                      + "); see imds-tracer doctor")
+
+
+def open_source(config: "Config", backend_name: str) -> "KernelSource":
+    """The started source; each backend `auto` passed over is logged in one line."""
+    source, passed_over = select_backend(config, backend_name)
+    for why in passed_over:
+        log.warning("backend auto: not %s", why)
+    if backend_name == "auto":
+        log.info("backend auto: using %s (%d probes)", source.name, source.probes)
+    return source

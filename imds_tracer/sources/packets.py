@@ -24,7 +24,7 @@ _u16 = struct.Struct("!H").unpack_from
 _tcp = struct.Struct("!HHIIBB").unpack_from
 
 
-@dataclass(slots=True)
+@dataclass
 class _Conn:
     key: tuple
     server_ip: str

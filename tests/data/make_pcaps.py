@@ -368,12 +368,32 @@ def make_bad(out: Path) -> dict:
     garbage = b"this is not a capture file\n" + bytes(rnd.randrange(256) for _ in range(2000))
     (bad / "garbage.pcap").write_bytes(garbage)
     (bad / "empty.pcap").write_bytes(b"")
+    (bad / "far_future.pcapng").write_bytes(_far_future(out / "keepalive.pcapng"))
     return {
         "truncated.pcap": {"made_from": "aws.pcap", "cut_at": cut,
                            "note": "cut in the middle of a record's payload"},
         "garbage.pcap": {"note": "not a capture: text + 2000 pseudo-random bytes"},
         "empty.pcap": {"note": "zero bytes"},
+        "far_future.pcapng": {"made_from": "keepalive.pcapng",
+                              "note": "its third packet stamped in the year ~36,000"},
     }
+
+
+def _far_future(pcapng: Path) -> bytes:
+    """keepalive.pcapng with the timestamp of its third Enhanced Packet Block set beyond any
+    date a sink can write (atheris found this crash: a pcapng timestamp is 64 bits)."""
+    data = bytearray(pcapng.read_bytes())
+    endian = "<" if data[8:12] == b"\x4d\x3c\x2b\x1a" else ">"
+    off, seen = 0, 0
+    while off + 12 <= len(data):
+        kind, length = struct.unpack_from(endian + "II", data, off)
+        if kind == 6:
+            seen += 1
+            if seen == 3:
+                struct.pack_into(endian + "I", data, off + 12, 0x10000000)
+                return bytes(data)
+        off += length
+    raise ValueError(f"{pcapng}: fewer than 3 packets")
 
 
 # --------------------------------------------------------------------------- main
