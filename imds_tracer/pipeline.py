@@ -14,9 +14,11 @@ import time
 from collections import Counter
 from typing import Hashable, Iterable, Protocol
 
-from .classify import classify
+from . import clients
+from .classify import classify, reads_of
 from .config import Config
 from .enrich import RECENT_TTL, Enricher
+from .fallback import FallbackTracker
 from .flows import FlowTable
 from .model import Chunk, Exchange, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
 from .redact import escape_fields, redact_argv, redact_header, redact_raw, redact_url
@@ -67,6 +69,7 @@ class Pipeline:
         self._now: float | None = None  # the latest tick: capture time in replay, else wall
         self._stories: dict[tuple, tuple] = {}  # sender -> (expires, escaped story)
         self._safe: dict[ProcessInfo, ProcessInfo] = {}  # escaping, once per process seen
+        self.fallbacks = FallbackTracker()
 
     # -- what sources call ------------------------------------------------------------
     def feed(self, chunk: Chunk) -> None:
@@ -74,6 +77,9 @@ class Pipeline:
 
     def close_flow(self, flow: Hashable, ts: float) -> None:
         self.flows.close(flow, ts)
+
+    def client_gave_up(self, flow: Hashable, ts: float) -> None:
+        self.flows.client_gave_up(flow, ts)
 
     def tick(self, now: float) -> None:
         """After each poll of a source (and once a second of capture time in replay)."""
@@ -129,13 +135,15 @@ class Pipeline:
         hit = self._stories.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        owner = None
         if self.enricher is not None:
             process, parents, container = self.enricher.describe(snap)
+            owner = self.enricher.owner(snap, process, container)
         else:
             process, parents, container = ProcessInfo(
                 snap.pid, snap.comm, snap.argv, argv_truncated=snap.argv_truncated), (), None
         story = (self._safe_process(process), tuple(map(self._safe_process, parents)),
-                 container)
+                 container, owner)
         if len(self._stories) >= STORY_CACHE:
             self._stories.clear()
         self._stories[key] = (now + RECENT_TTL, story)
@@ -171,10 +179,23 @@ class Pipeline:
         """Classify, enrich and redact one exchange into what the sinks print."""
         verdict = classify(exchange, self.cloud)
         snap = exchange.process
-        process, parents, container = (None, (), None) if snap is None else self._story(snap)
+        process, parents, container, owner = (None, (), None, None) if snap is None \
+            else self._story(snap)
         head = exchange.head
         method, path, version, headers = (None, None, None, {}) if head is None \
             else _request_fields(head)
+        user_agent = head.header("user-agent") if head is not None else None
+        if user_agent is not None:
+            user_agent = user_agent[:clients.UA_MAX]
+        reads = reads_of(verdict.provider, head.method, head.path) if head else None
+        sender = container.id if container else snap.pid if snap else None
+        fallback = self.fallbacks.observe(sender, user_agent, exchange.ts, verdict.mode, reads,
+                                          exchange.status, verdict.problems)
+        client = clients.finding(user_agent, process.exe if process else None,
+                                 process.argv if process else None, verdict.provider,
+                                 verdict.mode, fallback,
+                                 clients.fingerprint(head.first) if head and user_agent is None
+                                 else frozenset())
         return escape_fields(RequestRecord(
             time=exchange.ts, level=verdict.level, provider=verdict.provider,
             mode=verdict.mode, problems=verdict.problems, method=method, path=path,
@@ -183,4 +204,6 @@ class Pipeline:
             process=process, parents=parents,
             uid=snap.uid if snap else None, cgroup_id=snap.cgroup_id if snap else None,
             container=container, note=verdict.note, truncated=exchange.truncated,
-            raw_excerpt=redact_raw(exchange.raw) if head is None else None))
+            raw_excerpt=redact_raw(exchange.raw) if head is None else None,
+            user_agent=user_agent, client=client, reads=reads, fallback=fallback,
+            owner=owner))

@@ -18,17 +18,19 @@ import functools
 import re
 import shlex
 
+from .classify import TOKEN_PROTOCOLS
+
 REDACTED = "<redacted>"
 
-# Header values that identify a client or describe the request, never a credential.
+# Header values that identify a client or describe the request, never a credential; the
+# token protocols' TTL headers come from their rows in classify.PROVIDERS.
 SHOWN_HEADERS = frozenset({
     "host", "user-agent", "accept", "accept-encoding", "content-length", "content-type",
-    "connection", "x-aws-ec2-metadata-token-ttl-seconds",
-    "x-aliyun-ecs-metadata-token-ttl-seconds", "metadata", "metadata-flavor",
-})
+    "connection", "metadata", "metadata-flavor",
+}) | frozenset(p.ttl_header for p in TOKEN_PROTOCOLS.values())
 # Query parameters the metadata services define whose values are settings, not secrets.
 SHOWN_QUERY = frozenset({"api-version", "format", "recursive", "alt", "wait_for_change",
-                         "resource"})
+                         "resource", "version"})
 
 _NEEDS_ESCAPE = re.compile(r"[^\x20-\x5b\x5d-\x7e]")   # all but printable ASCII minus "\"
 _USERINFO = re.compile(r"(?i)^([a-z][a-z0-9+.-]*://)([^/?#@]*)@")
@@ -44,8 +46,13 @@ _METHOD_LINE = re.compile(r"^([A-Za-z]{1,16}) (\S*)(.*)$", re.S)
 
 
 # -- what a request shows -------------------------------------------------------------------
+def is_secret_header(name: str) -> bool:
+    """Whether a header's value is hidden: every header but the few shown."""
+    return name.strip().lower() not in SHOWN_HEADERS
+
+
 def redact_header(name: str, value: str) -> str:
-    if name.strip().lower() in SHOWN_HEADERS:
+    if not is_secret_header(name):
         return value
     if not value.strip():
         return ""  # an empty token is a finding (empty_token), not a secret
