@@ -220,37 +220,53 @@ def escape_fields(value):
     (keys too) and dataclasses. The one escaping path of every record the sinks receive. A
     frozen dataclass (a process, a container) is escaped once and remembered; a mutable one
     (a record, made fresh for this) is escaped in place."""
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str:
         return value if is_plain(value) else escape(value)
-    if value is None or isinstance(value, (int, float)):
+    if value is None or kind in _SCALARS:
         return value
-    if isinstance(value, tuple):
-        return tuple(map(escape_fields, value))
-    if isinstance(value, list):
-        return list(map(escape_fields, value))
-    if isinstance(value, dict):
-        if all(type(k) is str and type(v) is str and is_plain(k) and is_plain(v)
-               for k, v in value.items()):
-            return value  # the usual headers: nothing to do
-        return {escape_fields(k): escape_fields(v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value):
-        if value.__dataclass_params__.frozen:
-            return _escape_frozen(value)
-        for name in _field_names(type(value)):
-            # the usual field inline: a plain string, a number, None (one call per record
-            # instead of one per field)
-            field = getattr(value, name)
-            kind = type(field)
-            if kind is str:
-                if not (field.isascii() and field.isprintable() and "\\" not in field):
-                    setattr(value, name, escape(field))
-            elif field is not None and kind not in _SCALARS:
-                setattr(value, name, escape_fields(field))
-        return value
+    if kind in _CONTAINERS:
+        return _escape_container(value)
+    params = getattr(kind, "__dataclass_params__", None)
+    if params is not None:
+        return _escape_frozen(value) if params.frozen else _escape_in_place(value)
+    if isinstance(value, str):   # a str subclass
+        return escape(value)
     return escape(str(value))
 
 
+def _escape_in_place(value):
+    for name in _field_names(type(value)):
+        # the usual field inline: a plain string, a number, None, empty (one call per
+        # record instead of one per field)
+        field = getattr(value, name)
+        kind = type(field)
+        if kind is str:
+            if not (field.isascii() and field.isprintable() and "\\" not in field):
+                setattr(value, name, escape(field))
+        elif field and kind not in _SCALARS:
+            setattr(value, name, escape_fields(field))
+    return value
+
+
+def _escape_container(value):
+    if not value:
+        return value
+    try:   # the usual case, strings only and all plain: one test for all of them
+        if is_plain("".join(value) + ("".join(value.values()) if type(value) is dict
+                                      else "")):
+            return value
+    except TypeError:
+        pass   # not only strings
+    if type(value) is dict:
+        return {escape_fields(k): escape_fields(v) for k, v in value.items()}
+    return type(value)(map(escape_fields, value))
+
+
 _SCALARS = (int, float, bool)
+_CONTAINERS = (tuple, list, dict)
+_FROZEN_SEEN = 4096
+_frozen: dict[int, tuple] = {}   # id -> (the object, kept alive so the id stays its, escaped)
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,16 +274,24 @@ def _field_names(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
-@functools.lru_cache(maxsize=4096)
 def _escape_frozen(value):
-    # processes and containers repeat from request to request: escaped once each
+    """Processes, containers, owners repeat from request to request (the same objects, from
+    the pipeline's story cache): escaped once each, remembered by identity (hashing one
+    would cost more than escaping it)."""
+    hit = _frozen.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
     changes = {}
     for name in _field_names(type(value)):
         old = getattr(value, name)
         new = escape_fields(old)
-        if new != old:
+        if new is not old:
             changes[name] = new
-    return dataclasses.replace(value, **changes) if changes else value
+    safe = dataclasses.replace(value, **changes) if changes else value
+    if len(_frozen) >= _FROZEN_SEEN:
+        _frozen.clear()
+    _frozen[id(value)] = (value, safe)
+    return safe
 
 
 def delimit(text: str, chars: str) -> str:
