@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from imds_tracer.sinks.files import LOCK_NAME
+from imds_tracer.sinks.tracelog import LOG_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "packaging" / "logrotate" / "imds-tracer"
@@ -184,8 +184,8 @@ def test_rotation_with_the_real_agent(tmp_path, lab_factory):
     finally:
         status, err = agent.stop()
     assert status == 0, err
-    # the trace log and the rotated one (and the agent's lock, imds-tracer.lock)
-    logs = [p for p in log_dir.iterdir() if p.name != LOCK_NAME]
+    # the trace log and the rotated one (beside them the agent's lock and evidence file)
+    logs = [p for p in log_dir.iterdir() if p.name.startswith(LOG_NAME)]
     assert len(logs) == 2, logs
     files = {p.name: [int(n) for n in re.findall(r"seq-(\d+)", p.read_text())]
              for p in logs}
