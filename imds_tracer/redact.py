@@ -236,16 +236,20 @@ def escape_fields(value):
 
 
 def _escape_in_place(value):
-    for name in _field_names(type(value)):
-        # the usual field inline: a plain string, a number, None, empty (one call per
-        # record instead of one per field)
-        field = getattr(value, name)
+    # the usual field inline: a plain string, a number, None, empty (one call per record
+    # instead of one per field), read and set in the instance's dict
+    fields = getattr(value, "__dict__", None)
+    if fields is None:   # a dataclass with slots
+        for name in _field_names(type(value)):
+            setattr(value, name, escape_fields(getattr(value, name)))
+        return value
+    for name, field in fields.items():
         kind = type(field)
         if kind is str:
             if not (field.isascii() and field.isprintable() and "\\" not in field):
-                setattr(value, name, escape(field))
+                fields[name] = escape(field)
         elif field and kind not in _SCALARS:
-            setattr(value, name, escape_fields(field))
+            fields[name] = escape_fields(field)
     return value
 
 
