@@ -104,7 +104,7 @@ def test_rotation_loses_nothing_and_new_lines_land_in_new_file(tmp_path):
     assert all(hup == 0 for _, hup in old)
     assert any(hup == 1 for _, hup in new)
     assert max(n for n, _ in old) < min(n for n, hup in new if hup == 1)
-    # `create 0600` and the agent's own mode
+    # the agent makes the new file (nocreate), 0600
     for path in log_dir.iterdir():
         assert path.stat().st_mode & 0o777 == 0o600, path
 
