@@ -116,7 +116,10 @@ class PcapReplay:
                 if last_tick is None or ts - last_tick >= TICK_EVERY:
                     pipeline.tick(ts)
                     last_tick = ts
-        except (Scapy_Exception, struct.error, ValueError, OverflowError) as exc:
+        except (Scapy_Exception, struct.error, ValueError, OverflowError, IndexError,
+                MemoryError) as exc:
+            # older scapy (Debian 11's 2.4.4) raises IndexError on a mangled pcapng block and
+            # MemoryError on a record claiming gigabytes: the capture is unreadable there too
             raise SourceError(f"{path}: unreadable after {self.stats.packets} packets "
                               f"({exc})") from None
         finally:
