@@ -51,10 +51,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ROOT_PACKAGES = {
     "bullseye": "python3 python3-bpfcc python3-psutil python3-scapy python3-prometheus-client "
                 "python3-pytest python3-hypothesis python3-botocore python3-toml "
-                "iproute2 curl procps kmod",
+                "iproute2 curl procps kmod tcpdump",
     "trixie": "python3 python3-bpfcc python3-psutil python3-scapy python3-prometheus-client "
               "python3-pytest python3-hypothesis python3-botocore "
-              "iproute2 curl procps kmod",
+              "iproute2 curl procps kmod tcpdump",
 }
 # Modules the initramfs loads (with what they depend on), where they are not built in.
 INITRD_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
@@ -104,13 +104,10 @@ class SuiteApt:
         (self.dir / "status").touch()
         (self.dir / "sources.list").write_text(
             f"deb [signed-by={KEYRING}] {MIRROR} {self.suite} main\n")
-        lists = self.dir / "state" / "lists"
-        fresh = any(lists.glob("*Packages*")) and \
-            time.time() - (self.dir / "updated").stat().st_mtime < 86400 \
-            if (self.dir / "updated").exists() else False
-        if not fresh:
+        stamp = self.dir / "updated"
+        if not stamp.exists() or time.time() - stamp.stat().st_mtime > 86400:
             _run(["apt-get", *self.opts, "-qq", "update"])
-            (self.dir / "updated").touch()
+            stamp.touch()
 
     def depends(self, package: str) -> list[str]:
         out = _run(["apt-cache", *self.opts, "depends", package]).stdout
@@ -179,6 +176,7 @@ def setup_kernel(suite: str) -> Kernel:
     tmp.mkdir(parents=True)
     for deb in debs:
         _run(["dpkg-deb", "-x", str(deb), str(tmp)])
+        deb.unlink()
     shutil.rmtree(d / "tree", ignore_errors=True)
     tmp.rename(d / "tree")
     vmlinuz = d / "tree" / "boot" / f"vmlinuz-{release}"
@@ -269,7 +267,19 @@ def root_dir(suite: str) -> Path:
 def setup_root(suite: str) -> Path:
     """A debootstrap root of `suite` with ROOT_PACKAGES (the host's / for its own suite)."""
     root = root_dir(suite)
-    if root == Path("/") or (root / ".lab-complete").exists():
+    if root == Path("/"):
+        return root
+    done = root / ".lab-complete"
+    if done.exists():
+        missing = sorted(set(ROOT_PACKAGES[suite].split()) - set(done.read_text().split()))
+        if missing:     # the list grew since the root was made: add to it, not again from scratch
+            log(f"{suite}: adding {' '.join(missing)} to {root}")
+            for argv in (["apt-get", "-qq", "update"],
+                         ["apt-get", "-qq", "install", "-y", "--no-install-recommends", *missing],
+                         ["apt-get", "clean"]):
+                _run(["chroot", str(root), *argv],
+                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"})
+            done.write_text(ROOT_PACKAGES[suite] + "\n")
         return root
     tmp = root.with_name(suite + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -284,7 +294,8 @@ def setup_root(suite: str) -> Path:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"debootstrap {suite} failed ({proc.returncode}): {tail}")
     shutil.rmtree(tmp / "var" / "cache" / "apt" / "archives", ignore_errors=True)
-    (tmp / ".lab-complete").write_text(f"{time.monotonic() - started:.0f}s\n")
+    log(f"{suite}: debootstrap took {time.monotonic() - started:.0f}s")
+    (tmp / ".lab-complete").write_text(ROOT_PACKAGES[suite] + "\n")   # what it holds
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
