@@ -17,7 +17,7 @@ Two halves:
 
 - `boot(...)` runs ``qemu-system-x86_64`` (KVM when a probe shows it works, else TCG) with the
   root as the lower layer of an overlay (tmpfs upper: the guest can write /tmp, /run, ...), the
-  checkout read-only at /lab/src, the kernel tree read-only at /lab/kernel (its modules and
+  checkout read-only at /lab/src (a copy made at boot), the kernel tree read-only at /lab/kernel (its modules and
   headers linked into place for BCC) and a writable results directory at /lab/run. The guest
   runs ``/lab/run/command.sh`` and writes its exit status to ``/lab/run/status``; `boot` returns
   a `GuestRun` with the status, the command's output and the serial console.
@@ -418,6 +418,12 @@ def boot(suite: str, command: str, run_dir: Path, *, cgroup: str = "v2",
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("status", "output.log", "console.log"):
         (run_dir / name).unlink(missing_ok=True)
+    # the guest reads a copy of the checkout as it is now, not a tree that may change under it
+    src = run_dir / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(REPO_ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "dist", "build",
+        "*.egg-info"))
     exports = "".join(f"export {k}='{v}'\n" for k, v in (env or {}).items())
     (run_dir / "command.sh").write_text(exports + command + "\n")
     (run_dir / "stage2.sh").write_text(f"LAB_CGROUP={cgroup}\n" + STAGE2)
@@ -432,7 +438,7 @@ def boot(suite: str, command: str, run_dir: Path, *, cgroup: str = "v2",
             "-serial", f"file:{run_dir / 'console.log'}", "-monitor", "none",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init",
-            *share("root", root), *share("src", REPO_ROOT), *share("kernel", kernel.tree),
+            *share("root", root), *share("src", src), *share("kernel", kernel.tree),
             *share("run", run_dir, readonly=False)]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

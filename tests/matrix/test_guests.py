@@ -58,7 +58,7 @@ CELLS = {
                           also=("tests/unit", "tests/replay")),
     # Debian 12: this machine's root, on bookworm's own 6.1
     "debian12-6.1": Cell("bookworm", ("cgroup", "kprobe", "tracepoint"), "cgroup",
-                         python="/lab/src/.venv/bin/python"),
+                         python=str(vm.REPO_ROOT / ".venv" / "bin" / "python")),
     # Debian 13: Python 3.13, BCC 0.30, kernel 6.12
     "debian13-6.12": Cell("trixie", ("cgroup", "kprobe", "tracepoint"), "cgroup"),
     # EL8 / Alinux 3 defaults: no cgroup2 mounted, v1 net_cls/net_prio in use by the tests'
