@@ -13,6 +13,8 @@ from . import __version__
 from .classify import detect_cloud
 from .config import BACKENDS, CLOUDS, Config, ConfigError, load, override, parse_metrics_addr
 from .enrich import Enricher
+from .owner import OwnerResolver
+from .evidence import EvidenceSink
 from .pipeline import Pipeline
 from .report import ReportError
 from .sinks.console import ConsoleSink
@@ -22,7 +24,8 @@ from .sinks.tracelog import TraceLogSink
 from .sources.base import SourceError
 
 log = logging.getLogger("imds_tracer")
-EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_ERROR = 0, 2  # report's own codes: imds_tracer.verdict
+NO_ROTATION = sys.maxsize  # a size limit no file reaches
 
 
 class UsageError(Exception):
@@ -39,6 +42,13 @@ def _metrics_arg(value: str) -> str:
         return parse_metrics_addr(value) or ""
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+REPORT_EXIT_CODES = (
+    "exit status: 0 safe to enforce (the agent watched the whole window, lost nothing, and "
+    "saw no normal-mode request); 1 not safe (a normal-mode request was seen); 2 error; "
+    "3 not enough evidence (no normal-mode request seen, but no evidence file, a watch "
+    "shorter than the window or with gaps, lost events, or unreadable lines)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="progress line on stderr (default: when stderr is a terminal)")
 
     report = sub.add_parser("report", help="offenders in the trace logs and the verdict",
-                            description="List normal-mode offenders; exit 0 when it is safe "
-                                        "to enforce hardened-only mode, 1 when not, 2 on error.")
+                            description="List normal-mode offenders from the trace logs and "
+                                        "the agent's evidence file (imds-evidence.json) and "
+                                        "say whether hardened-only mode can be enforced.",
+                            epilog=REPORT_EXIT_CODES)
     report.add_argument("--config", metavar="FILE")
     report.add_argument("--log-dir", metavar="DIR")
     report.add_argument("--since", default="14d", help="window, e.g. 14d, 12h (default 14d)")
@@ -139,8 +151,9 @@ def _build(config: Config, *, backend: str, console: bool, metrics_addr: str | N
 def cmd_replay(args) -> int:
     from .sources.replay import PcapReplay
 
-    config = _config(args)
-    # the trace log (and --json) are the output: no per-request console lines
+    # the trace log (and --json) are the output: no per-request console lines, and no size
+    # rotation, which would move records of the capture out of the file the user named
+    config = override(_config(args), log_max_bytes=NO_ROTATION, json_max_bytes=NO_ROTATION)
     pipeline, metrics = _build(config, backend="replay", console=False,
                                metrics_addr=config.metrics_addr if args.metrics_addr else None,
                                enricher=None)
@@ -211,7 +224,7 @@ def cmd_run(args) -> int:
     config = _config(args)
     # outputs first: a taken metrics port or an unwritable log dir fails before the
     # seconds BCC takes to compile
-    enricher = Enricher(parents=config.parents)
+    enricher = Enricher(parents=config.parents, owners=OwnerResolver())
     pipeline, metrics = _build(config, backend=config.backend, console=config.console,
                                metrics_addr=config.metrics_addr, enricher=enricher)
     try:
@@ -230,6 +243,8 @@ def cmd_run(args) -> int:
         if probes <= 0:
             raise SourceError(f"backend {source.name} attached no probe; "
                               "run 'imds-tracer doctor'")
+        # the watch starts now: from here on the evidence file records it
+        pipeline.sinks.append(EvidenceSink(config.log_dir))
         print(f"ready backend={source.name} probes={probes}", file=sys.stderr, flush=True)
         log.info("capturing requests to %s on port(s) %s with the %s backend",
                  ", ".join(config.addresses), ", ".join(map(str, config.ports)), source.name)
@@ -256,7 +271,7 @@ def cmd_report(args) -> int:
     since = report.parse_since(args.since)
     summary = report.summarise(config.log_dir, since)
     render = report.render_json if args.json else report.render_text
-    return EXIT_OK if render(summary, since) else EXIT_FOUND
+    return render(summary, since)
 
 
 def cmd_doctor(args) -> int:

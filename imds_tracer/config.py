@@ -11,15 +11,16 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
+from .classify import CLOUD_NAMES, WATCHED_ADDRESSES
+
 DEFAULT_CONFIG_PATH = "/etc/imds-tracer/config.toml"
 DEFAULT_LOG_DIR = "/var/log/imds"
 # 9796 is not taken by node_exporter (9100), ebpf_exporter (9435), process-exporter (9256),
 # blackbox (9115) or any other exporter in Prometheus' default port allocations list.
 DEFAULT_METRICS_ADDR = "127.0.0.1:9796"
-DEFAULT_ADDRESSES = ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.0.23")
+DEFAULT_ADDRESSES = WATCHED_ADDRESSES  # every provider's metadata addresses (classify.py)
 BACKENDS = ("auto", "cgroup", "kprobe", "tracepoint")
-CLOUDS = ("auto", "none", "aws", "aliyun", "azure", "gcp", "oci", "openstack", "huawei",
-          "digitalocean", "tencent")
+CLOUDS = ("auto", "none", *CLOUD_NAMES)
 
 
 class ConfigError(Exception):

@@ -12,7 +12,8 @@ import re
 import time
 from collections import OrderedDict
 
-from .model import Container, ProcessInfo, ProcessSnapshot
+from .model import Container, Owner, ProcessInfo, ProcessSnapshot
+from .owner import OwnerResolver
 
 CACHE_SIZE = 4096
 # A process seen within this many seconds is not read from /proc again: a busy client and
@@ -67,10 +68,13 @@ def _cgroup2_mount(proc: str) -> str | None:
 
 
 class Enricher:
-    def __init__(self, parents: int = 3, proc: str = "/proc", lookup=None):
+    def __init__(self, parents: int = 3, proc: str = "/proc", lookup=None,
+                 owners: OwnerResolver | None = None):
         """`lookup(pid) -> (ppid, argv)`: the kernel source's exec/fork caches, for
-        parents already gone from /proc."""
+        parents already gone from /proc. `owners`: unit, package, pod and container names
+        (owner.py); None: not looked up."""
         self.parents = parents
+        self.owners = owners
         self.lookup = lookup
         self.proc = proc
         self._cache: OrderedDict = OrderedDict()   # (pid, starttime) -> (ProcessInfo, ppid)
@@ -166,6 +170,17 @@ class Enricher:
         if snap.ppid:
             ppid = snap.ppid
         return info, self._parents(ppid), self._container(snap)
+
+    def owner(self, snap: ProcessSnapshot, info: ProcessInfo | None,
+              container: Container | None) -> Owner | None:
+        """Unit, package, pod, container name and image of a sender; None when unknown."""
+        if self.owners is None:
+            return None
+        path = self._cgroup_of_pid(snap.pid)
+        if path is None and snap.cgroup_id and snap.cgroup_id > 1:
+            path = self._cgroup_by_id(snap.cgroup_id)
+        return self.owners.owner(path, container, info.exe if info else None,
+                                 info.argv if info else None)
 
     def _parents(self, ppid: int | None) -> tuple[ProcessInfo, ...]:
         chain = []

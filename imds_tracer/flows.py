@@ -5,6 +5,14 @@ chunks (several send() calls, several TCP segments, retransmitted or out of orde
 source is a capture). Request bodies and response bodies are skipped by their length.
 Memory is bounded: at most `max_flows` connections, MAX_HEAD bytes buffered per direction,
 MAX_OUT_OF_ORDER segments held per direction.
+
+Nothing lost blinds a connection: bytes that never come (a segment missing from a capture, a
+packet the kernel could not hand over) are given up on when more than MAX_OUT_OF_ORDER
+segments wait behind them, when they are GAP_WAIT seconds late, or when the connection ends;
+the stream then resumes at the next request (or response) line, the request cut by the gap is
+logged as truncated and the gap counted ("stream_gap"). A head is judged when it is complete:
+at its blank line, when the connection closes, or when the connection has been idle
+`flow_idle` seconds; a client pausing inside its head is waited for.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from . import http
 from .model import Chunk, Direction, Exchange, ProcessSnapshot
 
 MAX_OUT_OF_ORDER = 64
+GAP_WAIT = 2.0        # seconds a hole in a stream is waited for before it is skipped
 MAX_PENDING = 64      # requests awaiting a response on one connection
 SEQ_MOD = 1 << 32
 
@@ -26,9 +35,11 @@ class _Stream:
     buf: bytearray = field(default_factory=bytearray)
     skip: int = 0                  # body bytes still to pass over
     chunked: bool = False          # passing over a chunked body: wait for its last chunk
-    resync: bool = False           # lost our place: wait for a chunk that starts a message
+    resync: bool = False           # lost our place: wait for the next message start
     next_seq: int | None = None
     held: dict = field(default_factory=dict)  # seq -> (bytes, lost), segments that came early
+    held_since: float = 0.0        # when the oldest of them came
+    gap: bool = False              # bytes given up on: the responses waited for are unsure
     truncated: bool = False        # bytes of the message being buffered were not captured
     started: float = 0.0           # time of the first chunk of the message being buffered
 
@@ -42,7 +53,10 @@ class _Flow:
     last_seen: float
     request: _Stream = field(default_factory=_Stream)
     response: _Stream = field(default_factory=_Stream)
-    pending: deque = field(default_factory=deque)  # [Exchange, emitted?]
+    pending: deque = field(default_factory=deque)  # [Exchange, emitted?, head complete at]
+
+
+GAVE_UP_AFTER = 0.2  # seconds between a request and the client's FIN that mean "timed out"
 
 
 class FlowTable:
@@ -84,29 +98,49 @@ class FlowTable:
         for data, lost in self._in_order(stream, chunk):
             consume(flow, key, stream, data, lost, chunk.ts)
 
+    def _skip_gaps(self, flow: _Flow, key, ts: float, now: float | None = None) -> None:
+        """Give up on the bytes missing before held segments (all of them, or those waited
+        for GAP_WAIT seconds by `now`) and go on with what follows."""
+        for stream, consume in ((flow.request, self._consume_request),
+                                (flow.response, self._consume_response)):
+            while stream.held and (now is None or now - stream.held_since >= GAP_WAIT):
+                for data, lost in self._skip_gap(stream):
+                    consume(flow, key, stream, data, lost, ts)
+
     def close(self, key: Hashable, ts: float) -> None:
         """The connection ended: whatever it still holds is logged now."""
         flow = self._flows.pop(key, None)
         if flow is not None:
             self._finish(key, flow)
 
+    def client_gave_up(self, key: Hashable, ts: float) -> None:
+        """The client closed its side (FIN) while requests wait for an answer: one it waited
+        GAVE_UP_AFTER for is logged now as unanswered (the client timed out; what it does
+        next, e.g. a token-less fallback, must come after it in the log). A response that
+        still comes is counted like one after `response_wait`. A client half-closing right
+        after sending (shutdown(SHUT_WR)) keeps waiting for its answer."""
+        flow = self._flows.get(key)
+        if flow is None:
+            return
+        for entry in flow.pending:
+            if not entry[1] and ts - entry[0].ts >= GAVE_UP_AFTER:
+                entry[1] = True
+                self._emit(entry[0])
+
     def tick(self, now: float) -> None:
-        """Log requests whose response did not come in time; forget idle connections."""
+        """Log requests whose response did not come in time; skip holes waited for long
+        enough; forget idle connections (logging a head they left unfinished)."""
         idle = []
-        for key, flow in self._flows.items():
+        for key, flow in list(self._flows.items()):
             if now - flow.last_seen >= self.flow_idle:
                 idle.append(key)
                 continue
+            if flow.request.held or flow.response.held:
+                self._skip_gaps(flow, key, now, now)
             for entry in flow.pending:
-                if not entry[1] and now - entry[0].ts >= self.response_wait:
+                if not entry[1] and now - entry[2] >= self.response_wait:
                     entry[1] = True
                     self._emit(entry[0])
-            stream = flow.request
-            if stream.buf and now - stream.started >= self.response_wait:
-                # a head that never completed (client stalled, or bytes not captured)
-                self._head(flow, key, bytes(stream.buf), stream.started, truncated=True)
-                stream.buf.clear()
-                stream.resync = True
         for key in idle:
             self.close(key, now)
 
@@ -136,14 +170,30 @@ class FlowTable:
             return
         offset = (stream.next_seq - chunk.seq) % SEQ_MOD
         if offset >= SEQ_MOD // 2:  # starts after what we expect: hold it
-            if len(stream.held) < MAX_OUT_OF_ORDER:
-                stream.held[chunk.seq] = (chunk.data, chunk.lost)
-            else:
-                self._drop("out_of_order_overflow", 1)
+            if not stream.held:
+                stream.held_since = chunk.ts
+            stream.held[chunk.seq] = (chunk.data, chunk.lost)
+            if len(stream.held) > MAX_OUT_OF_ORDER:
+                yield from self._skip_gap(stream)  # too much waits behind the hole
             return
         if offset >= len(chunk.data) + chunk.lost:
             return  # a retransmission of bytes we have
         yield self._advance(stream, chunk.data, chunk.lost, offset)
+        yield from self._release(stream)
+
+    def _skip_gap(self, stream: _Stream):
+        """The bytes before the nearest held segment are not coming: yield them as lost (the
+        consumers resync after them), then what the held segments make whole."""
+        seq = min(stream.held, key=lambda s: (s - stream.next_seq) % SEQ_MOD)
+        gap = (seq - stream.next_seq) % SEQ_MOD
+        self._drop("stream_gap", 1)
+        stream.next_seq = seq
+        stream.gap = True
+        yield b"", gap
+        yield from self._release(stream)
+
+    def _release(self, stream: _Stream):
+        """Held segments that now continue the stream, in order."""
         while stream.held:
             progressed = False
             for seq in list(stream.held):
@@ -175,8 +225,10 @@ class FlowTable:
             if data is None:
                 return
         if stream.resync:
-            if not http.could_start_request(data):
+            at = http.request_start(data)
+            if at < 0:
                 return
+            data = data[at:]
             stream.resync = False
         if not stream.buf:
             stream.started = ts
@@ -199,7 +251,7 @@ class FlowTable:
                     stream.resync = True
                 return
             head = bytes(buf[:end])
-            self._head(flow, key, head, stream.started, truncated=stream.truncated)
+            self._head(flow, key, head, stream.started, truncated=stream.truncated, done=ts)
             del buf[:end]
             stream.truncated = False
             stream.started = ts
@@ -216,15 +268,26 @@ class FlowTable:
 
     def _consume_response(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                           ts: float) -> None:
+        if stream.gap:
+            # responses were lost, how many is unknown: the requests waiting are logged with
+            # no status rather than each with the status of another
+            stream.gap = False
+            for entry in flow.pending:
+                if not entry[1]:
+                    entry[1] = True
+                    self._emit(entry[0])
+            flow.pending.clear()
         if stream.skip:
             data, lost = self._skip_body(stream, data, lost)
             if data is None:
                 return
         if stream.resync or stream.chunked:
-            if not data.startswith(b"HTTP/1."):
+            at = http.response_start(data)
+            if at < 0:
                 if stream.chunked and data.endswith(b"0\r\n\r\n"):
                     stream.chunked = False
                 return
+            data = data[at:]
             stream.resync = stream.chunked = False
         stream.buf += data
         while stream.buf and not stream.skip and not stream.chunked:
@@ -292,7 +355,8 @@ class FlowTable:
             stream.resync = True
 
     def _head(self, flow: _Flow, key, raw: bytes, ts: float, *, truncated: bool = False,
-              unparsed: bool = False) -> None:
+              unparsed: bool = False, done: float | None = None) -> None:
+        """A request head that began at `ts` and was complete at `done` (default: ts)."""
         head = None if unparsed else http.parse_request_head(raw)
         exchange = Exchange(flow=key, ts=ts, dst_ip=flow.dst_ip, dst_port=flow.dst_port,
                             source=flow.source, process=flow.process, head=head,
@@ -304,14 +368,14 @@ class FlowTable:
             old = flow.pending.popleft()
             if not old[1]:
                 self._emit(old[0])
-        flow.pending.append([exchange, False])
+        flow.pending.append([exchange, False, ts if done is None else done])
 
     def _status(self, flow: _Flow, status: int | None) -> bool:
         """Give a response status to the oldest request waiting; True if it was a HEAD."""
         if status is not None and 100 <= status < 200:
             return False
         if flow.pending:
-            exchange, emitted = flow.pending.popleft()
+            exchange, emitted, _done = flow.pending.popleft()
             if not emitted:
                 exchange.status = status
                 self._emit(exchange)
@@ -319,11 +383,12 @@ class FlowTable:
         return False
 
     def _finish(self, key, flow: _Flow) -> None:
+        self._skip_gaps(flow, key, flow.last_seen)
         stream = flow.request
         if stream.buf and not stream.resync:
             self._head(flow, key, bytes(stream.buf), stream.started, truncated=True)
             stream.buf.clear()
-        for exchange, emitted in flow.pending:
+        for exchange, emitted, _done in flow.pending:
             if not emitted:
                 self._emit(exchange)
         flow.pending.clear()

@@ -44,6 +44,29 @@ def could_start_response(buf: bytes | bytearray) -> bool:
     return b"HTTP/1."[:len(prefix)] == prefix
 
 
+# a whole request or status line, wherever it starts: a message follows a body directly
+_REQUEST_LINE = re.compile(rb"(?:" + b"|".join(sorted(METHODS))
+                           + rb") [!-~]{1,4096} HTTP/1\.[0-9]\r?\n")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}[ \r\n]")
+
+
+def request_start(buf: bytes | bytearray) -> int:
+    """Where the next request starts in bytes that follow a loss (resync): 0 when buf begins
+    like a request line, else the first whole request line in it; -1 when there is none."""
+    if buf and could_start_request(buf):
+        return 0
+    match = _REQUEST_LINE.search(buf)
+    return match.start() if match else -1
+
+
+def response_start(buf: bytes | bytearray) -> int:
+    """The same for a response: 0, or the first whole status line in buf; -1."""
+    if buf and could_start_response(buf):
+        return 0
+    match = _STATUS_LINE.search(buf)
+    return match.start() if match else -1
+
+
 def _lines(head: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
 

@@ -112,6 +112,28 @@ class Container:
     pod_uid: str | None = None
 
 
+@dataclass(frozen=True)
+class ClientFinding:
+    """Which client sent a request (clients.py) and the fix for a normal-mode one."""
+    name: str | None          # None: not recognised
+    version: str | None
+    min_hardened: str | None  # the provider's documented minimum for hardened mode
+    advice: str | None        # an advice word (clients.advise); None: nothing to do
+    source: str | None = None  # where min_hardened comes from
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who runs the sender (owner.py): each field None when it cannot be read, never guessed."""
+    unit: str | None = None               # systemd unit from the cgroup path
+    package: str | None = None            # OS package owning the executable
+    k8s_namespace: str | None = None
+    k8s_pod: str | None = None
+    k8s_container: str | None = None
+    container_name: str | None = None     # Docker / containerd name
+    image: str | None = None
+
+
 @dataclass
 class RequestRecord:
     """Everything the sinks need about one request. Secrets already redacted."""
@@ -137,3 +159,8 @@ class RequestRecord:
     truncated: bool = False
     raw_excerpt: str | None = None  # escaped, for unparsed requests only
     extra: dict = field(default_factory=dict)
+    user_agent: str | None = None   # escaped, at most clients.UA_MAX characters
+    client: ClientFinding | None = None
+    reads: str | None = None        # credentials user-data identity token other (classify.reads_of)
+    fallback: str | None = None     # token_put_<status|unanswered>, mixed (fallback.py)
+    owner: Owner | None = None

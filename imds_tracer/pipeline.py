@@ -11,14 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import astuple
 from itertools import chain
 from typing import Hashable, Iterable, Protocol
 
-from .classify import classify
+from . import clients
+from .classify import classify, reads_of
 from .config import Config
 from .enrich import RECENT_TTL, Enricher
+from .fallback import FallbackTracker
 from .flows import FlowTable
-from .model import Chunk, Exchange, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
+from .model import (Chunk, Exchange, Owner, ProcessInfo, ProcessSnapshot, RequestHead,
+                    RequestRecord)
 from .redact import escape, is_plain, redact_header, redact_raw, redact_text
 
 log = logging.getLogger("imds_tracer")
@@ -41,6 +45,13 @@ def _safe_process(info: ProcessInfo | None) -> ProcessInfo | None:
     argv = tuple(redact_text(a) for a in info.argv) if info.argv is not None else None
     return ProcessInfo(pid=info.pid, comm=escape(info.comm) if info.comm else info.comm,
                        argv=argv, exe=escape(info.exe) if info.exe else info.exe)
+
+
+def _safe_owner(owner: Owner | None) -> Owner | None:
+    """Names from state files (container names, images) are escaped like a process's text."""
+    if owner is None:
+        return None
+    return Owner(*(escape(v) if v else v for v in astuple(owner)))
 
 
 def _request_fields(head: RequestHead) -> tuple[str, str, str, dict[str, str]]:
@@ -76,6 +87,7 @@ class Pipeline:
         self._now: float | None = None  # the latest tick: capture time in replay, else wall
         self._stories: dict[tuple, tuple] = {}  # sender -> (expires, escaped story)
         self._safe: dict[ProcessInfo, ProcessInfo] = {}  # escaping, once per process seen
+        self.fallbacks = FallbackTracker()
 
     # -- what sources call ------------------------------------------------------------
     def feed(self, chunk: Chunk) -> None:
@@ -83,6 +95,9 @@ class Pipeline:
 
     def close_flow(self, flow: Hashable, ts: float) -> None:
         self.flows.close(flow, ts)
+
+    def client_gave_up(self, flow: Hashable, ts: float) -> None:
+        self.flows.client_gave_up(flow, ts)
 
     def tick(self, now: float) -> None:
         """After each poll of a source (and once a second of capture time in replay)."""
@@ -138,12 +153,14 @@ class Pipeline:
         hit = self._stories.get(key)
         if hit is not None and hit[0] > now:
             return hit[1]
+        owner = None
         if self.enricher is not None:
             process, parents, container = self.enricher.describe(snap)
+            owner = _safe_owner(self.enricher.owner(snap, process, container))
         else:
             process, parents, container = ProcessInfo(snap.pid, snap.comm, snap.argv), (), None
         story = (self._safe_process(process), tuple(map(self._safe_process, parents)),
-                 container)
+                 container, owner)
         if len(self._stories) >= STORY_CACHE:
             self._stories.clear()
         self._stories[key] = (now + RECENT_TTL, story)
@@ -179,10 +196,23 @@ class Pipeline:
         """Classify, enrich and redact one exchange into what the sinks print."""
         verdict = classify(exchange, self.cloud)
         snap = exchange.process
-        process, parents, container = (None, (), None) if snap is None else self._story(snap)
+        process, parents, container, owner = (None, (), None, None) if snap is None \
+            else self._story(snap)
         head = exchange.head
         method, path, version, headers = (None, None, None, {}) if head is None \
             else _request_fields(head)
+        user_agent = head.header("user-agent") if head is not None else None
+        if user_agent is not None:
+            user_agent = user_agent[:clients.UA_MAX]
+        reads = reads_of(verdict.provider, head.method, head.path) if head else None
+        sender = container.id if container else snap.pid if snap else None
+        fallback = self.fallbacks.observe(sender, user_agent, exchange.ts, verdict.mode, reads,
+                                          exchange.status, verdict.problems)
+        client = clients.finding(user_agent, process.exe if process else None,
+                                 process.argv if process else None, verdict.provider,
+                                 verdict.mode, fallback,
+                                 clients.fingerprint(head.first) if head and user_agent is None
+                                 else frozenset())
         return RequestRecord(
             time=exchange.ts, level=verdict.level, provider=verdict.provider,
             mode=verdict.mode, problems=verdict.problems, method=method, path=path,
@@ -191,4 +221,6 @@ class Pipeline:
             process=process, parents=parents,
             uid=snap.uid if snap else None, cgroup_id=snap.cgroup_id if snap else None,
             container=container, note=verdict.note, truncated=exchange.truncated,
-            raw_excerpt=redact_raw(exchange.raw) if head is None else None)
+            raw_excerpt=redact_raw(exchange.raw) if head is None else None,
+            user_agent=escape(user_agent) if user_agent is not None else None,
+            client=client, reads=reads, fallback=fallback, owner=owner)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import re
 
-# Header names whose values are credentials. Matched case-insensitively.
-SECRET_HEADERS = frozenset({
-    "x-aws-ec2-metadata-token",
-    "x-aliyun-ecs-metadata-token",
-    "x-metadata-token",
+from .classify import SECRET_HEADER_NAMES
+
+# Header names whose values are credentials. Matched case-insensitively. Each provider's
+# token headers come from its row in classify.PROVIDERS.
+SECRET_HEADERS = SECRET_HEADER_NAMES | frozenset({
     "authorization",
     "proxy-authorization",
     "cookie",

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 from datetime import datetime, timezone
 
+from ..clients import advice_text
 from ..model import ProcessInfo, RequestRecord
 from .files import RotatingFile
 
@@ -45,7 +47,22 @@ def to_dict(record: RequestRecord) -> dict:
         "truncated": record.truncated,
         "note": record.note,
         "raw": record.raw_excerpt,
+        "user_agent": record.user_agent,
+        "reads": record.reads,
+        "fallback": record.fallback,
+        "client": _client(record),
+        "owner": None if record.owner is None else asdict(record.owner),
     }
+
+
+def _client(record: RequestRecord) -> dict | None:
+    c = record.client
+    if c is None:
+        return None
+    return {"name": c.name, "version": c.version, "min_hardened": c.min_hardened,
+            "advice": c.advice, "source": c.source,
+            "advice_text": None if c.advice is None else advice_text(
+                c.advice, c.name, record.provider, record.fallback)}
 
 
 class JsonLinesSink:

@@ -18,10 +18,10 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.process_collector import ProcessCollector
 
 from .. import __version__
+from ..classify import PROVIDER_NAMES
 from ..model import RequestRecord
 
-PROVIDERS = ("aws", "aliyun", "azure", "gcp", "oci", "openstack", "huawei", "digitalocean",
-             "tencent", "unknown")
+PROVIDERS = PROVIDER_NAMES  # one label set per provider of the table in classify.py
 MODES = ("normal", "hardened", "n/a", "unknown")
 METHODS = ("GET", "PUT", "POST", "HEAD", "DELETE", "OPTIONS", "PATCH")
 PROBLEMS = ("ttl_out_of_range", "ttl_missing", "x_forwarded_for", "empty_token",

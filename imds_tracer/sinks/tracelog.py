@@ -97,7 +97,45 @@ def format_line(record: RequestRecord) -> str:
     if record.parents:
         parts.append("called by -> " + " -> ".join(map(_proc, record.parents)))
     parts.append(f"container={container_text(record)}")
+    parts.extend(findings_fields(record))
     return " ".join(parts)
+
+
+# owner fields of the line, in order: (key in the line, Owner attribute)
+OWNER_FIELDS = (("unit", "unit"), ("pkg", "package"), ("k8s_ns", "k8s_namespace"),
+                ("k8s_pod", "k8s_pod"), ("k8s_container", "k8s_container"),
+                ("cname", "container_name"), ("image", "image"))
+
+
+def findings_fields(record: RequestRecord) -> tuple[str, ...]:
+    """What to do about a request (issue 11), after container=: reads=, client=, advice=,
+    fallback=, the owner's fields, and last the User-Agent in quotes. Absent ones are left
+    out; every value a process controls is escaped and delimited."""
+    return _findings_text(record.reads, record.client, record.fallback, record.owner,
+                          record.user_agent)
+
+
+@functools.lru_cache(maxsize=1024)
+def _findings_text(reads, c, fallback, owner, user_agent) -> tuple[str, ...]:
+    # made once per sender and kind of request: a busy client repeats all of these
+    out = []
+    if reads:
+        out.append(f"reads={reads}")
+    if c is not None:
+        name = _field(c.name, " /") if c.name else "unknown"
+        out.append(f"client={name}" + (f"/{_field(c.version, ' ')}" if c.version else ""))
+        if c.advice:
+            out.append(f"advice={c.advice}")
+    if fallback:
+        out.append(f"fallback={fallback}")
+    if owner is not None:
+        for key, attr in OWNER_FIELDS:
+            value = getattr(owner, attr)
+            if value:
+                out.append(f"{key}={_field(value, ' ')}")
+    if user_agent is not None:
+        out.append(f'ua="{_field(user_agent, chr(34))}"')
+    return tuple(out)
 
 
 class TraceLogSink:

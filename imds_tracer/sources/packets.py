@@ -123,6 +123,7 @@ class TcpDemux:
         elif flags & TCP_FIN:
             if request:
                 conn.client_fin = True
+                pipeline.client_gave_up(conn.key, ts)
             else:
                 conn.server_fin = True
             if conn.server_fin:   # the server has answered all it will

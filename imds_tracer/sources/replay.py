@@ -19,6 +19,9 @@ LINK_NULL, LINK_ETHERNET, LINK_RAW, LINK_LOOP = 0, 1, 101, 108
 LINK_SLL, LINK_SLL2, LINK_IPV4, LINK_IPV6 = 113, 276, 228, 229
 ETH_IPV4, ETH_IPV6, ETH_VLAN, ETH_QINQ = 0x0800, 0x86DD, 0x8100, 0x88A8
 TICK_EVERY = 1.0   # seconds of capture time between pipeline ticks
+# a packet stamped outside these (1900-01-01 .. 9999-12-31) makes the capture unreadable:
+# no sink could write the time of its request
+MIN_TS, MAX_TS = -2208988800.0, 253402214400.0
 
 _u16 = struct.Struct("!H").unpack_from
 
@@ -106,6 +109,9 @@ class PcapReplay:
                     consumed += 16 + meta.caplen
                     if len(data) < min(meta.caplen, 65535):
                         cut = True
+                if not MIN_TS <= ts <= MAX_TS:
+                    raise ValueError(f"packet {self.stats.packets + 1} is stamped {ts:.0f} s "
+                                     "from 1970, outside the years 1900-9999")
                 self.packet(linktype, data, ts, pipeline)
                 if last_tick is None or ts - last_tick >= TICK_EVERY:
                     pipeline.tick(ts)

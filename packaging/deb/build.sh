@@ -37,7 +37,7 @@ mkdir -p "$STAGE/DEBIAN" "$ROOT/dist"
 # --- the Python package: every module, the BPF sources copied as files (imds_tracer/bpf is a
 # symlink to ../bpf in the source tree; the installed package must not depend on that) ---
 mkdir -p "$STAGE/$SITE"
-( cd "$ROOT" && find imds_tracer -name '*.py' -not -path '*/__pycache__/*' -not -path 'imds_tracer/bpf/*' ) |
+( cd "$ROOT" && find imds_tracer \( -name '*.py' -o -path 'imds_tracer/data/*.json' \) -not -path '*/__pycache__/*' -not -path 'imds_tracer/bpf/*' ) |
 while read -r f; do
 	install -D -m 0644 "$f" "$STAGE/$SITE/$f"
 done

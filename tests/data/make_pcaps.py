@@ -17,7 +17,9 @@ Usage (root; from the repository root)::
     .venv/bin/python tests/data/make_pcaps.py            # rewrite tests/data
     .venv/bin/python tests/data/make_pcaps.py --out DIR  # somewhere else
 
-Needs: iproute2, tcpdump, curl, editcap (tshark/wireshark-common), botocore.
+Needs: iproute2, tcpdump, curl, editcap (tshark/wireshark-common), botocore; for the SDK
+captures (sdk_versions, fallback_*) pip, npm and node, and Python <= 3.9 for botocore 1.12
+(tests.lab.clients installs the SDKs into /var/cache/imds-tracer-lab/clients).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.lab.clients import sdk_command  # noqa: E402
 from tests.lab.netns import ALIYUN_IP, AWS_IP, AWS_IP6, Lab  # noqa: E402
 
 A4 = f"http://{AWS_IP}"
@@ -210,6 +213,17 @@ r = c.getresponse(); r.read(); assert r.status == 404
 c.close()
 '''
 
+# 100 requests on one keep-alive connection, the token-less kind: the resync tests remove
+# frames from this capture (editcap) and expect every request after the hole back
+KEEPALIVE_100 = r'''
+import http.client
+c = http.client.HTTPConnection("169.254.169.254", 80, timeout=5)
+for i in range(100):
+    c.request("GET", "/latest/meta-data/ka-%03d" % i)
+    r = c.getresponse(); r.read(); assert r.status == 404, (i, r.status)
+c.close()
+'''
+
 BOTOCORE = r'''
 import sys
 from botocore.utils import InstanceMetadataFetcher
@@ -296,6 +310,10 @@ def scen_keepalive(lab: Lab) -> None:
              f"{A4}/latest/meta-data/hostname", f"{A4}/latest/meta-data/mac"], check=True)
 
 
+def scen_keepalive_100(lab: Lab) -> None:
+    py(lab, KEEPALIVE_100)
+
+
 def scen_sdk(lab: Lab) -> None:
     # botocore's real IMDS client, IPv4 and IPv6 endpoints: token PUT, then token GETs
     assert "lab-instance-role" in lab.run([sys.executable, "-c", BOTOCORE, "ipv4"],
@@ -303,6 +321,38 @@ def scen_sdk(lab: Lab) -> None:
     assert "lab-instance-role" in lab.run([sys.executable, "-c", BOTOCORE, "ipv6"],
                                           check=True).stdout
     assert "us-east-1" in py(lab, BOTOCORE_REGION)
+
+
+def run_sdks(lab: Lab, *names: str) -> list[dict]:
+    """Real SDKs (tests.lab.clients, installed from PyPI/npm) read instance credentials."""
+    runs = []
+    for name in names:
+        argv, extra = sdk_command(name)
+        env = lab.env()
+        env.update(extra)
+        proc = lab.run(argv, env=env, timeout=120)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed: {proc.stderr.strip()[-400:]}")
+        runs.append({"sdk": name, "said": proc.stdout.strip().split("\n")[-1][:40]})
+    return runs
+
+
+def scen_sdk_versions(lab: Lab) -> list[dict]:
+    # an IMDSv1-only old SDK next to a current one, per SDK family
+    return run_sdks(lab, "botocore-1.12.253", "botocore-current", "aws-sdk-js-2.500.0",
+                    "aws-sdk-js-2-current", "aws-sdk-js-v3", "alibabacloud-credentials-0.3.6",
+                    "alibabacloud-credentials")
+
+
+def scen_fallback_refused(lab: Lab) -> list[dict]:
+    # the server (a proxy, a policy) answers every token PUT 403: capable SDKs fall back
+    return run_sdks(lab, "botocore-current", "aws-sdk-js-2-current", "aws-sdk-js-v3",
+                    "alibabacloud-credentials")
+
+
+def scen_fallback_dropped(lab: Lab) -> list[dict]:
+    # token PUTs are never answered (hop limit too low for a container): timeouts, fallback
+    return run_sdks(lab, "botocore-current", "alibabacloud-credentials")
 
 
 def scen_azure_gcp(lab: Lab) -> None:
@@ -327,7 +377,7 @@ def scen_oci(lab: Lab) -> None:
     curl(lab, f"{A4}/opc/v2/instance/region")                                  # 401
 
 
-# name -> (scenario, token mode of the fake server, output format)
+# name -> (scenario, token mode of the fake server, output format[, token PUT handling])
 SCENARIOS = {
     "aws.pcap": (scen_aws, "optional", "pcap"),
     "aws_required.pcap": (scen_aws_required, "required", "pcap"),
@@ -336,9 +386,13 @@ SCENARIOS = {
     "ipv6.pcap": (scen_ipv6, "optional", "pcap"),
     "httpclient.pcap": (scen_httpclient, "optional", "pcap"),
     "keepalive.pcapng": (scen_keepalive, "optional", "pcapng"),
+    "keepalive100.pcap": (scen_keepalive_100, "optional", "pcap"),
     "sdk.pcap": (scen_sdk, "optional", "pcap"),
     "azure_gcp.pcap": (scen_azure_gcp, "optional", "pcap"),
     "oci.pcap": (scen_oci, "optional", "pcap"),
+    "sdk_versions.pcap": (scen_sdk_versions, "optional", "pcap"),
+    "fallback_refused.pcap": (scen_fallback_refused, "optional", "pcap", "refuse"),
+    "fallback_dropped.pcap": (scen_fallback_dropped, "optional", "pcap", "drop"),
 }
 
 
@@ -368,12 +422,32 @@ def make_bad(out: Path) -> dict:
     garbage = b"this is not a capture file\n" + bytes(rnd.randrange(256) for _ in range(2000))
     (bad / "garbage.pcap").write_bytes(garbage)
     (bad / "empty.pcap").write_bytes(b"")
+    (bad / "far_future.pcapng").write_bytes(_far_future(out / "keepalive.pcapng"))
     return {
         "truncated.pcap": {"made_from": "aws.pcap", "cut_at": cut,
                            "note": "cut in the middle of a record's payload"},
         "garbage.pcap": {"note": "not a capture: text + 2000 pseudo-random bytes"},
         "empty.pcap": {"note": "zero bytes"},
+        "far_future.pcapng": {"made_from": "keepalive.pcapng",
+                              "note": "its third packet stamped in the year ~36,000"},
     }
+
+
+def _far_future(pcapng: Path) -> bytes:
+    """keepalive.pcapng with the timestamp of its third Enhanced Packet Block set beyond any
+    date a sink can write (atheris found this crash: a pcapng timestamp is 64 bits)."""
+    data = bytearray(pcapng.read_bytes())
+    endian = "<" if data[8:12] == b"\x4d\x3c\x2b\x1a" else ">"
+    off, seen = 0, 0
+    while off + 12 <= len(data):
+        kind, length = struct.unpack_from(endian + "II", data, off)
+        if kind == 6:
+            seen += 1
+            if seen == 3:
+                struct.pack_into(endian + "I", data, off + 12, 0x10000000)
+                return bytes(data)
+        off += length
+    raise ValueError(f"{pcapng}: fewer than 3 packets")
 
 
 # --------------------------------------------------------------------------- main
@@ -384,11 +458,12 @@ def _tshark_requests(pcap: Path) -> list[tuple[str, str]]:
     return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if line]
 
 
-def capture_scenario(name: str, func, mode: str, fmt: str, out: Path, tmp: Path) -> dict:
+def capture_scenario(name: str, func, mode: str, fmt: str, out: Path, tmp: Path,
+                     token_put: str = "ok") -> dict:
     raw = tmp / (name + ".raw.pcap")
-    with Lab(mode=mode) as lab:
+    with Lab(mode=mode, server_args=("--token-put", token_put)) as lab:
         with lab.capture(raw) as cap:
-            func(lab)
+            sdk_runs = func(lab)
         stats = cap.stats
         records = lab.records()
         tokens = lab.issued_tokens()
@@ -417,6 +492,8 @@ def capture_scenario(name: str, func, mode: str, fmt: str, out: Path, tmp: Path)
             "dst_ip": rec["local_ip"],
             "dst_port": rec["local_port"],
             "src_port": rec["peer_port"],
+            "user_agent": next((v for k, v in rec["headers"] if k.lower() == "user-agent"),
+                               None),
         })
     print(f"{name}: {len(requests)} requests, {stats.get('captured')} packets, "
           f"{dest.stat().st_size} bytes", file=sys.stderr)
@@ -424,8 +501,13 @@ def capture_scenario(name: str, func, mode: str, fmt: str, out: Path, tmp: Path)
     # search for them cannot hit by accident): no output may contain them either.
     secrets_sent = sorted({v.strip() for rec in records for k, v in rec["headers"]
                            if k.lower() in SECRET_HEADERS and len(v.strip()) >= 6} | set(tokens))
-    return {"format": fmt, "server_mode": mode, "requests": requests, "issued_tokens": tokens,
+    made = {"format": fmt, "server_mode": mode, "requests": requests, "issued_tokens": tokens,
             "secret_values": secrets_sent}
+    if token_put != "ok":
+        made["token_put"] = token_put
+    if sdk_runs:
+        made["sdk_runs"] = sdk_runs
+    return made
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,10 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and exp_path.exists():
         expected = json.loads(exp_path.read_text())
     with tempfile.TemporaryDirectory(prefix="make_pcaps-") as tmp:
-        for name, (func, mode, fmt) in SCENARIOS.items():
+        for name, (func, mode, fmt, *token_put) in SCENARIOS.items():
             if args.only and name not in args.only:
                 continue
-            expected["files"][name] = capture_scenario(name, func, mode, fmt, out, Path(tmp))
+            expected["files"][name] = capture_scenario(name, func, mode, fmt, out, Path(tmp),
+                                                       *token_put)
     expected["bad_files"] = make_bad(out)
     expected["generated_by"] = "tests/data/make_pcaps.py"
     expected["tools"] = {

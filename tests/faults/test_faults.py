@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -300,6 +301,82 @@ def test_burst_beyond_the_ring_buffer_is_counted_and_survived(lab, agents):
     assert any("agent dropped" in line and "kernel_lost=" in line
                for line in request_lines(agent.log_dir))
     assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("backend", ["cgroup", "tracepoint"])
+def test_a_connection_that_overflowed_the_ring_buffer_is_still_watched(lab, agents, backend):
+    # issue 10: a burst on one keep-alive connection overflows the smallest ring buffer; the
+    # normal-mode requests the same connection sends seconds later must still be logged
+    agent = agents(config="perf_pages = 8\n", backend=backend).start()
+    marker = "fault-resync-" + secrets.token_hex(4)
+    client = (f"import socket, time; s = socket.create_connection(('{AWS_IP}', {SILENT_PORT}))\n"
+              "req = b'GET /latest/meta-data/flood HTTP/1.1\\r\\nX-Pad: ' + b'a' * 3000 "
+              "+ b'\\r\\n\\r\\n'\n"
+              "for _ in range(30000):\n    s.sendall(req)\n"
+              "print('FLOODED', flush=True); time.sleep(4)\n"
+              "for i in range(3):\n"
+              f"    s.sendall(b'GET /latest/meta-data/{marker}-%d HTTP/1.1\\r\\nHost: x"
+              "\\r\\n\\r\\n' % i); time.sleep(0.5)\n"
+              "print('DONE', flush=True); time.sleep(30)")
+    with silent_server(lab):
+        proc = lab.popen([PYTHON, "-c", client], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "FLOODED"
+            assert proc.stdout.readline().strip() == "DONE"
+            records = agent.wait_records(marker, 3, timeout=30)
+        finally:
+            proc.kill()
+            proc.wait(5)
+    lost = agent.metric("imds_tracer_lost_events_total", 'stage="kernel"')
+    assert lost > 0, "the burst did not overflow the ring buffer: the test proves nothing"
+    assert sorted(r["path"] for r in records) == \
+        [f"/latest/meta-data/{marker}-{i}" for i in range(3)], agent.stderr()[-2000:]
+    assert all(r["mode"] == "normal" for r in records)
+    assert agent.stop() == 0
+
+
+HARDENED_BUSY = """
+import http.client
+c = http.client.HTTPConnection("169.254.169.254", 80, timeout=5)
+c.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+r = c.getresponse(); token = r.read().decode()
+for i in range(60):
+    c.request("GET", "/latest/meta-data/instance-id",
+              headers={"X-aws-ec2-metadata-token": token})
+    c.getresponse().read()
+"""
+
+
+def test_evidence_outlives_rotation_a_kill_and_a_restart(lab, agents, tmp_path):
+    # issue 10: the offender's line rotates away and the agent is SIGKILLed; the evidence
+    # file beside the logs still has the offender and the watch, and report finds it
+    log_dir = tmp_path / "logs"
+    small = "[log]\nmax_bytes = 4096\nbackups = 0\n"
+    agent = agents(log_dir=log_dir, config=small).start()
+    marker = "fault-evidence-" + secrets.token_hex(4)
+    curl(lab, f"/latest/meta-data/{marker}")
+    assert len(agent.wait_records(marker, 1, timeout=30)) == 1
+    lab.run([PYTHON, "-c", HARDENED_BUSY], timeout=60, check=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(marker in line
+                                              for line in request_lines(log_dir)):
+        time.sleep(0.5)
+    assert not any(marker in line for line in request_lines(log_dir))  # rotated away
+    time.sleep(6)                     # one evidence heartbeat after the offender
+    agent.proc.kill()                 # SIGKILL: no clean stop, no final write
+    agent.proc.wait(10)
+    again = agents(log_dir=log_dir, config=small).start()
+    time.sleep(1)
+    assert again.stop() == 0, again.stderr()[-2000:]
+    doc = json.loads((log_dir / "imds-evidence.json").read_text())
+    assert [i["stopped"] for i in doc["intervals"][-2:]] == [False, True]
+    proc = subprocess.run([PYTHON, "-m", "imds_tracer", "report", "--log-dir", str(log_dir),
+                           "--since", "1h", "--json"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [o["count"] for o in data["offenders"] if marker in o["argv"]] == [1]
+    assert data["coverage"]["agent_starts"] >= 2
 
 
 def test_metrics_port_taken_is_a_one_line_error_at_start(agents):

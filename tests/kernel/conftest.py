@@ -64,6 +64,9 @@ class Recorder:
     def close_flow(self, flow, ts):
         self.closed.append(flow)
 
+    def client_gave_up(self, flow, ts):
+        pass
+
     def drop(self, kind, count=1, detail=""):
         self.drops.append((kind, count, detail))
 
@@ -95,11 +98,11 @@ def module_lab():
         yield the_lab
 
 
-def run_client(lab, argv, cgroup=None, timeout=30):
+def run_client(lab, argv, cgroup=None, timeout=30, env=None):
     """Run a client inside the lab to the end; it must succeed. The Popen (its pid names the
-    records it caused) with the client's stdout as `.output`."""
+    records it caused) with the client's stdout as `.output`. `env`: added to the lab's."""
     proc = lab.popen([str(a) for a in argv], cgroup=cgroup, stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, text=True)
+                     stderr=subprocess.PIPE, text=True, env={**lab.env(), **(env or {})})
     out, err = proc.communicate(timeout=timeout * SLOW)
     assert proc.returncode == 0, f"{argv}: {err}"
     proc.output = out

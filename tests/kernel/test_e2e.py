@@ -224,6 +224,49 @@ def test_request_split_over_sends(agent, lab):
     assert rec["headers"].get("User-Agent") == "split-sender"
 
 
+# issue 10: heads are judged when complete, however slowly they come
+SLOW_HEADS = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 80))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = s.makefile("rb")
+def body():
+    length = 0
+    while True:
+        line = f.readline()
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+        if line in (b"\r\n", b""):
+            return f.read(length)
+s.sendall(b"PUT /latest/api/token HTTP/1.1\r\nHost: s\r\n"
+          b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n")
+token = body()
+s.sendall(b"GET /lates")                                   # a pause inside the target
+time.sleep(2.5)
+s.sendall(b"t/meta-data/ami-id HTTP/1.1\r\nHost: s\r\n\r\n")
+body()
+s.sendall(b"GET /latest/meta-data/hostname HTTP/1.1\r\nHost: s\r\n")
+time.sleep(2.5)                                            # the token header comes late
+s.sendall(b"X-aws-ec2-metadata-token: " + token + b"\r\n\r\n")
+body()
+for byte in b"GET /latest/meta-data/mac HTTP/1.1\r\nHost: s\r\n\r\n":
+    s.send(bytes([byte]))                                  # one byte per send
+    time.sleep(0.05)
+body()
+"""
+
+
+def test_slow_and_paused_heads_are_one_correct_record_each(agent, lab):
+    proc = run_client(lab, [PYTHON, "-c", SLOW_HEADS, AWS_IP], timeout=60)
+    recs = agent.records_of(proc.pid, 4, timeout=30)
+    assert [(r["method"], r["path"], r["mode"], r["status"], r["truncated"]) for r in recs] \
+        == [("PUT", "/latest/api/token", "hardened", 200, False),
+            ("GET", "/latest/meta-data/ami-id", "normal", 200, False),
+            ("GET", "/latest/meta-data/hostname", "hardened", 200, False),
+            ("GET", "/latest/meta-data/mac", "normal", 200, False)], recs
+    assert not [r for r in recs if r["raw"]]                # nothing "unparsed"
+
+
 def test_http_client_keepalive_with_body(agent, lab):
     proc = run_client(lab, [PYTHON, "-c", HTTP_CLIENT, AWS_IP])
     recs = agent.records_of(proc.pid, 2)

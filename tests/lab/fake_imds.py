@@ -40,6 +40,11 @@ Anything else -> 404.
 
 Token mode (``optional`` or ``required``) is set per provider (``aws``, ``aliyun``).
 
+Token PUT (``token_put``, ``--token-put``): ``ok`` (the rules above), ``refuse`` (every token PUT
+-> 403, as a proxy or a policy in the path does) or ``drop`` (a token PUT is read and never
+answered: the connection stays silent until the client gives up, as when the PUT response
+hop limit is too low for a container). Recorded with status ``null``.
+
 Every token the server issues is recorded (`FakeIMDS.issued_tokens`), so tests can check that
 no output of the product ever contains one. Every request is recorded too
 (`FakeIMDS.records`, and as JSON lines in ``log_path`` when given) with the local and peer
@@ -84,6 +89,7 @@ OCI = "oci"
 UNKNOWN = "unknown"
 
 MODES = ("optional", "required")
+TOKEN_PUT_MODES = ("ok", "refuse", "drop")
 TTL_MIN, TTL_MAX = 1, 21600
 DEFAULT_ALIYUN_ADDRS = frozenset({"100.100.100.200"})
 METADATA_ADDRS = ("169.254.169.254", "100.100.100.200", "fd00:ec2::254")
@@ -242,6 +248,9 @@ class _Handler(BaseHTTPRequestHandler):
         peer = self.client_address
         resp = owner.handle(self.command, self.path, list(self.headers.items()),
                             local_ip=local[0], body=body)
+        if resp.status is None:
+            self._stay_silent(owner, local, peer)
+            return
         record = {
             "time": time.time(),
             "local_ip": local[0], "local_port": local[1],
@@ -267,10 +276,28 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
+    def _stay_silent(self, owner: "FakeIMDS", local, peer) -> None:
+        """A dropped request: recorded, never answered; wait for the client to give up."""
+        owner._record({
+            "time": time.time(), "local_ip": local[0], "local_port": local[1],
+            "peer_ip": peer[0], "peer_port": peer[1], "method": self.command,
+            "target": self.path, "version": self.request_version,
+            "headers": [[k, v] for k, v in self.headers.items()], "body_len": 0,
+            "provider": UNKNOWN, "status": None, "token_issued": None})
+        self.connection.settimeout(self.timeout)
+        try:
+            while self.connection.recv(4096):
+                pass
+        except OSError:
+            pass
+        self.close_connection = True
+
+
 class Response:
     """What `FakeIMDS.handle` decided: status, body, extra headers, and the provider."""
 
-    def __init__(self, status: int, body: str | bytes = "", *, provider: str = UNKNOWN,
+    def __init__(self, status: int | None, body: str | bytes = "", *,
+                 provider: str = UNKNOWN,
                  headers: Iterable[tuple[str, str]] = (), content_type: str = "text/plain",
                  token: str | None = None, close: bool = False):
         self.status = status
@@ -294,11 +321,15 @@ class FakeIMDS:
         default_mode: ``"optional"`` (normal and hardened accepted) or ``"required"``.
         aliyun_addrs: local addresses that answer as Alibaba ECS (``100.100.100.200``).
         log_path: when set, every request is appended to this file as one JSON line.
+        token_put: ``ok``, ``refuse`` (403) or ``drop`` (never answered) for token PUTs.
     """
 
     def __init__(self, modes: dict[str, str] | None = None, default_mode: str = "optional",
                  aliyun_addrs: Iterable[str] = DEFAULT_ALIYUN_ADDRS,
-                 log_path: str | None = None):
+                 log_path: str | None = None, token_put: str = "ok"):
+        if token_put not in TOKEN_PUT_MODES:
+            raise ValueError(f"token_put must be one of {TOKEN_PUT_MODES}, not {token_put!r}")
+        self.token_put = token_put
         if default_mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {default_mode!r}")
         self.modes = {AWS: default_mode, ALIYUN: default_mode}
@@ -415,6 +446,10 @@ class FakeIMDS:
             if method != "PUT":
                 return Response(405, "Method Not Allowed\n", provider=prov,
                                 headers=server + [("Allow", "PUT")])
+            if self.token_put == "refuse":
+                return Response(403, "Forbidden\n", provider=prov, headers=server)
+            if self.token_put == "drop":
+                return Response(None, provider=prov)
             if "x-forwarded-for" in hdrs:
                 return Response(403, "Forbidden\n", provider=prov, headers=server)
             raw = hdrs.get(ttl_name)
@@ -566,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aliyun-addr", action="append", metavar="ADDR",
                     help="addresses that answer as Alibaba (default 100.100.100.200)")
     ap.add_argument("--log", metavar="FILE", help="append every request as a JSON line")
+    ap.add_argument("--token-put", choices=TOKEN_PUT_MODES, default="ok",
+                    help="token PUTs: ok, refuse (403) or drop (never answered)")
     args = ap.parse_args(argv)
     modes = {}
     if args.aws_mode:
@@ -573,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.aliyun_mode:
         modes[ALIYUN] = args.aliyun_mode
     srv = FakeIMDS(modes=modes, default_mode=args.mode,
-                   aliyun_addrs=args.aliyun_addr or DEFAULT_ALIYUN_ADDRS, log_path=args.log)
+                   aliyun_addrs=args.aliyun_addr or DEFAULT_ALIYUN_ADDRS, log_path=args.log,
+                   token_put=args.token_put)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

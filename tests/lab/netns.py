@@ -202,6 +202,7 @@ class Lab:
         port: the fake server's port (80).
         serve: start the fake server (False: only the namespace and addresses).
         keep_dir: do not delete the temporary directory (server log) on exit.
+        server_args: more arguments for the fake server (e.g. ``("--token-put", "drop")``).
 
     Attributes: ``ns`` (namespace name), ``workdir`` (temporary directory),
     ``server_log`` (the fake server's JSON-lines request log).
@@ -209,7 +210,8 @@ class Lab:
 
     def __init__(self, mode: str = "optional", modes: dict[str, str] | None = None,
                  addrs: Sequence[str] = LAB_ADDRS, port: int = 80, serve: bool = True,
-                 keep_dir: bool = False, python: str = sys.executable):
+                 keep_dir: bool = False, python: str = sys.executable,
+                 server_args: Sequence[str] = ()):
         self.mode = mode
         self.modes = dict(modes or {})
         self.addrs = tuple(addrs)
@@ -217,6 +219,7 @@ class Lab:
         self.serve = serve
         self.keep_dir = keep_dir
         self.python = python
+        self.server_args = tuple(server_args)
         self.ns = f"{NS_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         self.workdir: Path | None = None
         self.server_log: Path | None = None
@@ -265,6 +268,7 @@ class Lab:
             argv += [f"--{prov}-mode", mode]
         for addr in self.addrs:
             argv += ["--bind", addr]
+        argv += self.server_args
         self._server = self.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, cwd=str(REPO_ROOT))
         ready: list[str] = []

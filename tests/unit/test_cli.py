@@ -9,6 +9,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.unprivileged import as_nobody
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 AWS = str(DATA / "aws.pcap")
 
@@ -171,7 +173,8 @@ def test_report_lists_offenders_and_gives_the_verdict(tmp_path):
     clean = tmp_path / "clean"
     assert imds("replay", str(DATA / "azure_gcp.pcap"), "--log-dir", str(clean)).returncode == 0
     proc = imds("report", "--log-dir", str(clean))
-    assert proc.returncode == 0 and "SAFE to enforce" in proc.stdout
+    # no normal-mode request, but a replay is no watch: not enough evidence, never "safe"
+    assert proc.returncode == 3 and "NOT ENOUGH EVIDENCE" in proc.stdout, proc.stdout
 
     # a window that ends before the logged requests: nothing in it
     assert "--since" in one_line_error(imds("report", "--log-dir", str(tmp_path),
@@ -179,21 +182,20 @@ def test_report_lists_offenders_and_gives_the_verdict(tmp_path):
     assert "not found" in one_line_error(imds("report", "--log-dir", str(tmp_path / "none")))
 
 
-def test_run_without_privileges_is_a_one_line_error(tmp_path):
+def test_run_without_privileges_is_a_one_line_error(tmp_path, installed_copy):
     if os.geteuid() != 0:
         proc = imds("run", "--log-dir", str(tmp_path), "--metrics-addr", "")
-    else:  # drop to nobody, as an operator who forgot sudo
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                               sys.executable, "-m", "imds_tracer", "run", "--log-dir",
-                               str(tmp_path / "log"), "--metrics-addr", ""],
-                              capture_output=True, text=True, timeout=60, cwd="/",
-                              env={**os.environ, "PYTHONPATH": str(DATA.parents[1])})
+        doctor = imds("doctor")
+    else:  # drop to nobody, as an operator who forgot sudo (from a copy nobody can read)
+        log_dir = tmp_path / "log"
+        argv, env = as_nobody(["run", "--log-dir", str(log_dir), "--metrics-addr", ""],
+                              installed_copy)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/",
+                              env=env)
+        argv, env = as_nobody(["doctor"], installed_copy)
+        doctor = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd="/",
+                                env=env)
     assert "needs root" in one_line_error(proc)
-    doctor = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                             sys.executable, "-m", "imds_tracer", "doctor"],
-                            capture_output=True, text=True, timeout=120, cwd="/",
-                            env={**os.environ, "PYTHONPATH": str(DATA.parents[1])}) \
-        if os.geteuid() == 0 else imds("doctor")
     assert "Traceback" not in doctor.stderr + doctor.stdout
     assert "run as root" in doctor.stdout
 

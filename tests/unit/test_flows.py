@@ -1,3 +1,4 @@
+from imds_tracer import http
 from imds_tracer.flows import FlowTable
 from imds_tracer.model import Chunk, Direction
 
@@ -185,3 +186,112 @@ def test_segment_after_a_cut_one_waits_for_it_and_then_follows_it():
     r.send(OK, RESP, seq=1 + len(OK))
     assert r.summary() == [("PUT", "/latest/api/token", 200), ("GET", "/latest/meta-data/", 200)]
     assert r.drops == {}
+
+
+# -- resync after bytes that never come (issue 10, defect 1) ---------------------------------
+def _keepalive(r, count, skip=(), seq=1):
+    """`count` GETs on one connection, one segment each; the ones in `skip` never arrive."""
+    for i in range(count):
+        head = GET.replace(b"meta-data/", b"meta-data/%03d" % i)
+        if i not in skip:
+            r.send(head, seq=seq, ts=i * 0.01)
+        seq += len(head)
+    return seq
+
+
+def test_a_lost_segment_blinds_no_keep_alive_connection():
+    r = Recorder()
+    _keepalive(r, 100, skip={30})
+    r.table.flush()
+    paths = [s[1] for s in r.summary()]
+    assert len(paths) == 99 and "/latest/meta-data/030" not in paths
+    assert paths[-1] == "/latest/meta-data/099"
+    assert r.drops == {"stream_gap": 1}
+
+
+def test_a_hole_waited_for_too_long_is_skipped_before_the_connection_ends():
+    # a packet the kernel could not hand over is never retransmitted: requests sent after it
+    # are logged within seconds, not when the connection closes
+    r = Recorder()
+    seq = _keepalive(r, 3, skip={1})
+    r.table.tick(1.0)
+    assert [s[1] for s in r.summary()] == []          # the hole may still fill
+    r.table.tick(0.02 + 2.5)
+    r.send(GET.replace(b"meta-data/", b"meta-data/late"), seq=seq, ts=3.0)
+    r.table.tick(3.0 + 2.5)
+    assert [s[1] for s in r.summary()] == ["/latest/meta-data/000", "/latest/meta-data/002",
+                                           "/latest/meta-data/late"]
+    assert r.drops == {"stream_gap": 1}
+
+
+def test_the_request_a_hole_cuts_is_logged_truncated_and_the_next_one_found_inside_a_segment():
+    r = Recorder()
+    two = GET.replace(b"meta-data/", b"meta-data/cut") + GET
+    r.send(two[:20], seq=1)                     # "GET /latest/meta-da" ... then a hole
+    r.send(two[40:], seq=41)                    # the rest of it, then a whole request
+    r.table.flush()
+    assert [(e.head.target if e.head else None, e.truncated) for e in r.out] == \
+        [("/latest/meta-dat", True), ("/latest/meta-data/", False)]
+
+
+def test_responses_resync_at_the_next_status_line():
+    assert http.response_start(b" 5\r\n\r\nhelloHTTP/1.1 404 No\r\n") == 11
+    assert http.response_start(b"hello HTTP/1.1 world") == -1
+    r = Recorder()
+    r.send(GET, seq=1)
+    r.send(OK[:10], RESP, seq=1)            # "HTTP/1.1 2", then bytes that never come
+    r.send(OK[30:], RESP, seq=31)
+    r.table.tick(5.0)
+    later = GET.replace(b"meta-data/", b"meta-data/later")
+    r.send(later, seq=1 + len(GET), ts=6.0)
+    r.send(OK.replace(b"200 OK", b"404 No"), RESP, seq=1 + len(OK), ts=6.1)
+    assert r.summary() == [("GET", "/latest/meta-data/", None),
+                           ("GET", "/latest/meta-data/later", 404)]
+
+
+# -- heads are judged when complete (issue 10, defect 3) -------------------------------------
+def test_a_head_paused_in_the_middle_is_one_request():
+    r = Recorder()
+    r.send(b"GET /lates", ts=0.0)
+    r.table.tick(2.5)
+    r.table.tick(10.0)
+    r.send(GET[len(b"GET /lates"):], ts=10.0)
+    r.send(OK, RESP, ts=10.1)
+    assert [(s, e.truncated) for s, e in zip(r.summary(), r.out)] == \
+        [(("GET", "/latest/meta-data/", 200), False)]
+
+
+def test_a_byte_by_byte_sender_is_one_request_and_nothing_unparsed():
+    r = Recorder()
+    for i in range(len(GET)):
+        r.send(GET[i:i + 1], ts=i * 0.5)
+        r.table.tick(i * 0.5 + 0.4)
+    r.send(OK, RESP, ts=len(GET) * 0.5)   # the wait for a response starts when the head ends
+    assert r.summary() == [("GET", "/latest/meta-data/", 200)]
+
+
+def test_a_head_never_finished_is_logged_truncated_when_the_connection_goes_idle():
+    r = Recorder(flow_idle=60.0)
+    r.send(b"GET /latest/meta", ts=0.0)
+    r.table.tick(30.0)
+    assert r.out == []
+    r.table.tick(61.0)
+    assert [(e.head.target, e.truncated) for e in r.out] == [("/latest/meta", True)]
+
+
+def test_after_lost_responses_no_request_gets_another_ones_status():
+    r = Recorder()
+    gets = [GET.replace(b"meta-data/", b"meta-data/%d" % i) for i in range(4)]
+    answers = [OK.replace(b"200 OK", b"%d X" % (201 + i)) for i in range(4)]
+    seq, rseq = 1, 1
+    for i in range(4):
+        r.send(gets[i], seq=seq, ts=i)
+        if i != 1:                      # the answer to request 1 never arrives
+            r.send(answers[i], RESP, seq=rseq, ts=i + 0.5)
+        seq += len(gets[i])
+        rseq += len(answers[i])
+    r.table.flush()
+    statuses = {s[1]: s[2] for s in r.summary()}
+    assert statuses["/latest/meta-data/0"] == 201
+    assert statuses["/latest/meta-data/1"] is None
+    assert all(statuses[f"/latest/meta-data/{i}"] in (None, 201 + i) for i in (2, 3))
