@@ -7,7 +7,7 @@
  *       that connected, and a CONNECT event carries that process's exec-time argv.
  *   cgroup_skb/egress, cgroup_skb/ingress   every packet of every socket; the first test is
  *       the socket's remote port, then its remote address against `watched`. Packets of
- *       watched sockets with payload, RSTs and the server's FIN are copied (IP header onwards, up to
+ *       watched sockets with payload, RSTs and FINs are copied (IP header onwards, up to
  *       IMDS_PAYLOAD_LIMIT bytes of payload out, IMDS_RESPONSE_BYTES in) as PACKET events:
  *       user space reassembles them by TCP sequence number with the replay's decoder, so
  *       retransmits and GSO are handled as in a capture. sendmmsg, sendfile, io_uring and
@@ -246,9 +246,10 @@ static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
     if (!watched.lookup(&key))
         return 1;
 
-    /* a watched socket: keep packets with payload, RSTs and the server's FIN (what ends a
-     * connection for user space); skip pure ACKs, SYNs and the client's FIN: every event
-     * costs user space time, and those carry nothing it needs */
+    /* a watched socket: keep packets with payload, RSTs and FINs (the server's ends a
+     * connection for user space; the client's says it stopped waiting, so a token PUT left
+     * unanswered is logged before the token-less fallback that follows it); skip pure ACKs
+     * and SYNs: every event costs user space time, and those carry nothing it needs */
     __u8 first = 0;
     if (bpf_skb_load_bytes(skb, 0, &first, 1) != 0)
         return 1;
@@ -275,7 +276,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, int ingress)
         return 1;
     __u32 headers = l3 + (tcp[0] >> 4) * 4;
     __u8 tcp_flags = tcp[1];
-    if (skb->len <= headers && !(tcp_flags & 0x04) && !(ingress && (tcp_flags & 0x01)))
+    if (skb->len <= headers && !(tcp_flags & 0x05))
         return 1;                                      /* FIN 0x01, RST 0x04 */
 
     struct imds_buf *b = scratch_enter();

@@ -135,8 +135,9 @@ SCHEMA = {
         "backend": ("backend", _choice(BACKENDS)),
         "addresses": ("addresses", _addresses),
         "ports": ("ports", _ports),
+        # memory-heavy: per CPU, perf_pages x 4 KiB (2048: 8 MiB) and max_payload per event
         "max_payload": ("max_payload", _positive_int(256, 16384)),
-        "perf_pages": ("perf_pages", _positive_int(8, 65536)),
+        "perf_pages": ("perf_pages", _positive_int(8, 2048)),
     },
     "log": {
         "dir": ("log_dir", _path),
@@ -160,7 +161,8 @@ SCHEMA = {
     "flows": {
         "response_wait": ("response_wait", _positive_float(0.0, 60.0)),
         "flow_idle": ("flow_idle", _positive_float(1.0, 86400.0)),
-        "max_flows": ("max_flows", _positive_int(16, 10_000_000)),
+        # each open flow may hold a request head (up to 16 KiB) while it waits
+        "max_flows": ("max_flows", _positive_int(16, 262144)),
     },
 }
 

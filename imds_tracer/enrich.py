@@ -20,6 +20,7 @@ CACHE_SIZE = 4096
 # its shell are read once a second, not once a request. (A pid reused within that second by
 # a program with the same comm is the only thing that could be misnamed.)
 RECENT_TTL = 1.0
+READ_MAX = 65536  # bytes of a /proc file read at once (argv longer than this is marked cut)
 
 # cgroup path patterns of the container runtimes, most specific first.
 _CONTAINER_PATTERNS = (
@@ -92,7 +93,7 @@ class Enricher:
         except OSError:
             return None
         try:
-            return os.read(fd, 65536)
+            return os.read(fd, READ_MAX)
         except OSError:
             return None
         finally:
@@ -110,11 +111,13 @@ class Enricher:
         except (IndexError, ValueError):
             return None
 
-    def _argv(self, pid: int) -> tuple[str, ...] | None:
+    def _argv_info(self, pid: int) -> dict:
+        """argv and whether it was cut (one read of /proc/PID/cmdline holds READ_MAX)."""
         raw = self._read(pid, "cmdline")
         if not raw:
-            return None
-        return tuple(a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0"))
+            return {"argv": None}
+        argv = tuple(a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0"))
+        return {"argv": argv, "argv_truncated": len(raw) >= READ_MAX}
 
     def _exe(self, pid: int) -> str | None:
         try:
@@ -145,7 +148,7 @@ class Enricher:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        info = ProcessInfo(pid=pid, comm=comm, argv=self._argv(pid), exe=self._exe(pid))
+        info = ProcessInfo(pid=pid, comm=comm, exe=self._exe(pid), **self._argv_info(pid))
         self._cache[key] = (info, ppid)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -163,9 +166,11 @@ class Enricher:
         if live is not None:
             info, ppid = live
             if snap.argv:  # exec-time argv is the truth at send time
-                info = ProcessInfo(snap.pid, snap.comm or info.comm, snap.argv, info.exe)
+                info = ProcessInfo(snap.pid, snap.comm or info.comm, snap.argv, info.exe,
+                                   snap.argv_truncated)
         else:
-            info = ProcessInfo(pid=snap.pid, comm=snap.comm, argv=snap.argv)
+            info = ProcessInfo(pid=snap.pid, comm=snap.comm, argv=snap.argv,
+                               argv_truncated=snap.argv_truncated)
             ppid = snap.ppid
         if snap.ppid:
             ppid = snap.ppid

@@ -27,6 +27,7 @@ class ProcessSnapshot:
     ppid: int | None = None
     # argv captured by the kernel at exec time, for processes gone before user space looks.
     argv: tuple[str, ...] | None = None
+    argv_truncated: bool = False  # the kernel kept only the start of a longer argv
 
 
 @dataclass
@@ -103,6 +104,7 @@ class ProcessInfo:
     comm: str | None
     argv: tuple[str, ...] | None
     exe: str | None = None
+    argv_truncated: bool = False  # argv is the start of a longer one (shown with a marker)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,10 @@ one write() per batch instead of one per request.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
-from dataclasses import astuple
-from itertools import chain
 from typing import Hashable, Iterable, Protocol
 
 from . import clients
@@ -21,9 +20,8 @@ from .config import Config
 from .enrich import RECENT_TTL, Enricher
 from .fallback import FallbackTracker
 from .flows import FlowTable
-from .model import (Chunk, Exchange, Owner, ProcessInfo, ProcessSnapshot, RequestHead,
-                    RequestRecord)
-from .redact import escape, is_plain, redact_header, redact_raw, redact_text
+from .model import Chunk, Exchange, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
+from .redact import escape_fields, redact_argv, redact_header, redact_raw, redact_url
 
 log = logging.getLogger("imds_tracer")
 
@@ -39,36 +37,20 @@ class Sink(Protocol):
     def close(self) -> None: ...   # writes what it holds first
 
 
-def _safe_process(info: ProcessInfo | None) -> ProcessInfo | None:
-    if info is None:
-        return None
-    argv = tuple(redact_text(a) for a in info.argv) if info.argv is not None else None
-    return ProcessInfo(pid=info.pid, comm=escape(info.comm) if info.comm else info.comm,
-                       argv=argv, exe=escape(info.exe) if info.exe else info.exe)
-
-
-def _safe_owner(owner: Owner | None) -> Owner | None:
-    """Names from state files (container names, images) are escaped like a process's text."""
-    if owner is None:
-        return None
-    return Owner(*(escape(v) if v else v for v in astuple(owner)))
+def _redacted_process(info: ProcessInfo | None) -> ProcessInfo | None:
+    if info is None or not info.argv:
+        return info
+    return dataclasses.replace(info, argv=redact_argv(info.argv))
 
 
 def _request_fields(head: RequestHead) -> tuple[str, str, str, dict[str, str]]:
     """Method, target, version and headers (name -> value, a repeated name's values joined),
-    secrets redacted, escaped."""
-    # one test for the usual head, all printable ASCII: then escaping would change nothing
-    text = head.method + head.target + head.version + "".join(chain.from_iterable(head.headers))
-    plain = is_plain(text)
+    by the redaction rule (redact.py); escaped later with the rest of the record."""
     headers: dict[str, str] = {}
     for name, value in head.headers:
         value = redact_header(name, value)
-        if not plain:
-            name, value = escape(name), escape(value)
         headers[name] = value if name not in headers else headers[name] + ", " + value
-    if plain:
-        return head.method, head.target, head.version, headers
-    return escape(head.method), escape(head.target), escape(head.version), headers
+    return head.method, redact_url(head.target), head.version, headers
 
 
 class Pipeline:
@@ -145,9 +127,9 @@ class Pipeline:
                 flush()
 
     def _story(self, snap: ProcessSnapshot) -> tuple:
-        """(process, parents nearest first, container) of a sender, enriched and escaped.
+        """(process, parents nearest first, container) of a sender, enriched and redacted.
         Remembered for RECENT_TTL, the enricher's own horizon: a client making many requests
-        is described and escaped once a second, not once a request."""
+        is described and redacted once a second, not once a request (escaped with its record)."""
         key = (snap.pid, snap.comm, snap.ppid, snap.argv, snap.cgroup_id)
         now = time.monotonic()
         hit = self._stories.get(key)
@@ -156,9 +138,10 @@ class Pipeline:
         owner = None
         if self.enricher is not None:
             process, parents, container = self.enricher.describe(snap)
-            owner = _safe_owner(self.enricher.owner(snap, process, container))
+            owner = self.enricher.owner(snap, process, container)
         else:
-            process, parents, container = ProcessInfo(snap.pid, snap.comm, snap.argv), (), None
+            process, parents, container = ProcessInfo(
+                snap.pid, snap.comm, snap.argv, argv_truncated=snap.argv_truncated), (), None
         story = (self._safe_process(process), tuple(map(self._safe_process, parents)),
                  container, owner)
         if len(self._stories) >= STORY_CACHE:
@@ -167,14 +150,14 @@ class Pipeline:
         return story
 
     def _safe_process(self, info: ProcessInfo | None) -> ProcessInfo | None:
-        """The escaped twin of a process: escaping once per process seen."""
+        """The redacted twin of a process: once per process seen."""
         if info is None:
             return None
         safe = self._safe.get(info)
         if safe is None:
             if len(self._safe) >= STORY_CACHE:
                 self._safe.clear()
-            safe = self._safe[info] = _safe_process(info)
+            safe = self._safe[info] = _redacted_process(info)
         return safe
 
     def _report_drops(self, now: float) -> None:
@@ -213,7 +196,7 @@ class Pipeline:
                                  verdict.mode, fallback,
                                  clients.fingerprint(head.first) if head and user_agent is None
                                  else frozenset())
-        return RequestRecord(
+        return escape_fields(RequestRecord(
             time=exchange.ts, level=verdict.level, provider=verdict.provider,
             mode=verdict.mode, problems=verdict.problems, method=method, path=path,
             version=version, headers=headers, dst_ip=exchange.dst_ip,
@@ -222,5 +205,5 @@ class Pipeline:
             uid=snap.uid if snap else None, cgroup_id=snap.cgroup_id if snap else None,
             container=container, note=verdict.note, truncated=exchange.truncated,
             raw_excerpt=redact_raw(exchange.raw) if head is None else None,
-            user_agent=escape(user_agent) if user_agent is not None else None,
-            client=client, reads=reads, fallback=fallback, owner=owner)
+            user_agent=user_agent, client=client, reads=reads, fallback=fallback,
+            owner=owner))

@@ -1,5 +1,9 @@
 """Append-only output files: size rotation, 0600 files, whole lines, failures counted.
 
+A file is opened with O_NOFOLLOW (a symlink planted in its place is refused, never written
+through) and must be a regular file; only a file the agent created is given mode 0600, and
+only a directory it created is given 0700: the agent never chmods what someone else made.
+
 Shared by the trace log and the JSON-lines file. Lines are queued and written by `flush()`
 (the sinks flush at the end of every poll, at reopen and at close): one write() per batch,
 not one per line, and the check that the file is still there once per batch. A directory
@@ -10,9 +14,85 @@ glued to half of one.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import stat
 
 PENDING_MAX = 256  # lines queued before add() writes them without waiting for flush()
+LOCK_NAME = "imds-tracer.lock"  # in the log directory: one writer per directory
+_OPEN = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def make_dir(directory: str, *, private: bool) -> None:
+    """The directory, made if missing (0700 when `private`); a path that exists and is not a
+    directory is a clear error, not "File exists"."""
+    if os.path.isdir(directory):
+        return
+    if os.path.lexists(directory):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if private:
+        os.chmod(directory, 0o700)  # made by us just now: umask may have narrowed it
+
+
+def open_append(path: str) -> int:
+    """An fd appending to `path`: never through a symlink, never to a FIFO or device, and
+    mode 0600 only when this call created the file."""
+    try:
+        fd = os.open(path, _OPEN | os.O_CREAT | os.O_EXCL, 0o600)
+        created = True
+    except FileExistsError:
+        try:
+            fd = os.open(path, _OPEN)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "a symbolic link, not written through",
+                              path) from None
+            raise
+        created = False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if created:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class DirectoryLock:
+    """flock on LOCK_NAME in a log directory, held for the life of the writer: a second agent
+    (run or replay) on the same directory is refused with one line saying who holds it."""
+
+    def __init__(self, directory: str):
+        make_dir(directory, private=True)
+        path = os.path.join(directory, LOCK_NAME)
+        self.fd = open_append(path)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(path)
+            os.close(self.fd)
+            raise OSError(errno.EBUSY, f"in use by another imds-tracer{holder} (it holds "
+                          f"{LOCK_NAME}; one agent per log directory)", directory) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_pid(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            pid = fh.read(32).strip()
+    except OSError:
+        return ""
+    return f" (pid {int(pid)})" if pid.isdigit() else ""
 
 
 class RotatingFile:
@@ -38,11 +118,8 @@ class RotatingFile:
         self._open()
 
     def _open(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        if self.private_dir:
-            os.chmod(self.directory, 0o700)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.fchmod(fd, 0o600)
+        make_dir(self.directory, private=self.private_dir)
+        fd = open_append(self.path)
         self._fd = fd
         self._size = os.fstat(fd).st_size
 

@@ -14,7 +14,8 @@ from .files import RotatingFile
 
 def _proc(info: ProcessInfo) -> dict:
     return {"pid": info.pid, "comm": info.comm,
-            "argv": list(info.argv) if info.argv is not None else None}
+            "argv": list(info.argv) if info.argv is not None else None,
+            "argv_truncated": info.argv_truncated}
 
 
 def to_dict(record: RequestRecord) -> dict:
@@ -35,6 +36,7 @@ def to_dict(record: RequestRecord) -> dict:
         "pid": process.pid if process else None,
         "comm": process.comm if process else None,
         "argv": list(process.argv) if process and process.argv is not None else None,
+        "argv_truncated": process.argv_truncated if process else False,
         "exe": process.exe if process else None,
         "uid": record.uid,
         "parents": [_proc(p) for p in record.parents],

@@ -3,18 +3,24 @@
 Names: one prefix `imds_tracer_`, `_total` on counters, base units, `_info` for metadata.
 Known label sets are created at start-up so that series exist before the first event;
 label values from the wire (methods, executables) are capped so cardinality stays bounded.
+
+The endpoint is one thread with one selector (`MetricsServer`): any local user can connect,
+so it holds at most MAX_CONNECTIONS connections (a new one closes the oldest), gives each
+CONNECTION_SECONDS to send its request and read the answer, and reads at most MAX_REQUEST
+bytes. Idle connections cost one fd each, never a thread, and cannot starve the agent.
 """
 from __future__ import annotations
 
+import errno
 import os
 import platform
-
+import selectors
 import socket
 import threading
-from http.server import ThreadingHTTPServer
+import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
-from prometheus_client.exposition import MetricsHandler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Info, \
+    generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 from .. import __version__
@@ -40,6 +46,135 @@ def _outcome(status: int | None) -> str:
 
 class MetricsError(Exception):
     pass
+
+
+class MetricsServer:
+    """HTTP/1.0-style GET /metrics on one thread: accept, read a head, answer, close."""
+    MAX_CONNECTIONS = 64
+    CONNECTION_SECONDS = 10.0   # Prometheus' default scrape timeout
+    MAX_REQUEST = 8192
+    BACKLOG = 128
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry):
+        self.registry = registry
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+            self.sock.listen(self.BACKLOG)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.sock, selectors.EVENT_READ, "accept")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._conns: dict[socket.socket, list] = {}   # conn -> [deadline, bytes in, bytes out]
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            now = time.monotonic()
+            wait = min((c[0] for c in self._conns.values()), default=now + 1.0) - now
+            for key, events in self._selector.select(max(wait, 0.0)):
+                if key.data == "accept":
+                    self._accept()
+                elif key.data == "wake":
+                    return
+                else:
+                    self._service(key.fileobj, events)
+            now = time.monotonic()
+            for conn in [c for c, state in self._conns.items() if state[0] <= now]:
+                self._close(conn)
+
+    def _accept(self) -> None:
+        for _ in range(self.BACKLOG):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:   # EMFILE, ENOBUFS...: give the fds back, retry later
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._conns:
+                    self._close(next(iter(self._conns)))
+                    continue
+                time.sleep(0.05)
+                return
+            if len(self._conns) >= self.MAX_CONNECTIONS:
+                self._close(next(iter(self._conns)))   # the oldest goes
+            conn.setblocking(False)
+            self._conns[conn] = [time.monotonic() + self.CONNECTION_SECONDS, b"", b""]
+            self._selector.register(conn, selectors.EVENT_READ, "conn")
+
+    def _service(self, conn: socket.socket, events: int) -> None:
+        state = self._conns.get(conn)
+        if state is None:
+            return
+        try:
+            if events & selectors.EVENT_READ and not state[2]:
+                data = conn.recv(4096)
+                state[1] += data
+                if not data or len(state[1]) > self.MAX_REQUEST:
+                    self._close(conn)
+                    return
+                if b"\r\n\r\n" not in state[1] and b"\n\n" not in state[1]:
+                    return
+                state[2] = self._answer(state[1])
+                self._selector.modify(conn, selectors.EVENT_WRITE, "conn")
+            if state[2]:
+                state[2] = state[2][conn.send(state[2]):]
+                if not state[2]:
+                    self._close(conn)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(conn)
+
+    def _answer(self, head: bytes) -> bytes:
+        method, _, rest = head.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return self._response(b"405 Method Not Allowed", b"text/plain", b"GET only\n")
+        if path not in (b"/metrics", b"/"):
+            return self._response(b"404 Not Found", b"text/plain", b"try /metrics\n")
+        body = generate_latest(self.registry)
+        return self._response(b"200 OK", CONTENT_TYPE_LATEST.encode(),
+                              body if method == b"GET" else b"", len(body))
+
+    @staticmethod
+    def _response(status: bytes, ctype: bytes, body: bytes, length: int | None = None) -> bytes:
+        return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype +
+                b"\r\nContent-Length: " + str(len(body) if length is None else length).encode()
+                + b"\r\nConnection: close\r\n\r\n" + body)
+
+    def _close(self, conn: socket.socket) -> None:
+        self._conns.pop(conn, None)
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5)
+        for conn in list(self._conns):
+            self._close(conn)
+        self._selector.close()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
 
 
 class MetricsSink:
@@ -97,24 +232,18 @@ class MetricsSink:
     def serve(self, addr: str) -> None:
         host, _, port = addr.rpartition(":")
         host = host.strip("[]")
-        # our own server (not start_http_server): its port and shutdown are ours on every
-        # prometheus-client version, Debian 12's 0.16 included
-        server_class = type("MetricsServer", (ThreadingHTTPServer,), {
-            "daemon_threads": True,
-            "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
         try:
-            self._server = server_class((host, int(port)), MetricsHandler.factory(self.registry))
+            self._server = MetricsServer(host, int(port), self.registry)
         except (OSError, OverflowError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise MetricsError(f"metrics address {addr}: {reason} "
                                "(change --metrics-addr or metrics.addr, \"\" turns it off)") \
                 from None
-        threading.Thread(target=self._server.serve_forever, name="metrics",
-                         daemon=True).start()
+        self._server.start()
 
     @property
     def port(self) -> int | None:
-        return self._server.server_port if self._server else None
+        return self._server.port if self._server else None
 
     def _executable(self, record: RequestRecord) -> str:
         p = record.process
@@ -167,6 +296,5 @@ class MetricsSink:
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None

@@ -247,13 +247,14 @@ def read_proc_ppid(pid: int) -> int | None:
 
 
 class ConnInfo:
-    __slots__ = ("flow", "tgid", "fd", "argv", "ppid", "dst_ip", "dst_port")
+    __slots__ = ("flow", "tgid", "fd", "argv", "ppid", "dst_ip", "dst_port", "argv_truncated")
 
-    def __init__(self, flow, tgid, fd, argv, ppid, dst_ip, dst_port):
+    def __init__(self, flow, tgid, fd, argv, ppid, dst_ip, dst_port, argv_truncated=False):
         self.flow = flow
         self.tgid = tgid
         self.fd = fd
         self.argv = argv
+        self.argv_truncated = argv_truncated
         self.ppid = ppid
         self.dst_ip = dst_ip
         self.dst_port = dst_port
@@ -412,8 +413,12 @@ class KernelSource:
         try:
             self.handle_event(ev, payload)
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the agent
-            log.error("kernel event of kind %d dropped: %s: %s", ev.kind,
-                      type(exc).__name__, exc)
+            # where, not the message: that may quote what a process sent (a secret, ESC)
+            tb = exc.__traceback__
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            log.error("kernel event of kind %d dropped: %s in %s line %d", ev.kind,
+                      type(exc).__name__, tb.tb_frame.f_code.co_name, tb.tb_lineno)
             if self._pipeline is not None:
                 self._pipeline.drop("event_error", 1)
 
@@ -489,12 +494,13 @@ class KernelSource:
             self.stats["argv_from_proc"] += 1
         else:
             self.stats["argv_unknown"] += 1
-        self._remember(ev, argv)
+        self._remember(ev, argv, truncated=bool(ev.flags & F_ARGV_TRUNCATED) and
+                       argv is not None and argv is not proc_argv)
 
-    def _remember(self, ev: EventHeader, argv) -> ConnInfo:
+    def _remember(self, ev: EventHeader, argv, truncated: bool = False) -> ConnInfo:
         ppid = int(ev.ppid) or read_proc_ppid(ev.tgid)
         info = ConnInfo(self.flow_key(ev), ev.tgid, ev.fd, argv, ppid,
-                        format_addr(bytes(ev.daddr)), int(ev.dport))
+                        format_addr(bytes(ev.daddr)), int(ev.dport), truncated)
         self._conns[ev.conn_id] = info
         while len(self._conns) > self._max_conns:
             _cid, evicted = self._conns.popitem(last=False)
@@ -517,6 +523,7 @@ class KernelSource:
             pid=int(ev.tgid), tid=int(ev.tid), uid=int(ev.uid),
             comm=ev.comm.decode("utf-8", "backslashreplace"),
             cgroup_id=int(ev.cgroup_id), ppid=info.ppid, argv=info.argv,
+            argv_truncated=info.argv_truncated,
         )
 
     # ---- the kernel's process cache, for enrichment of exited processes ----------------

@@ -31,7 +31,8 @@ from imds_tracer import report
 from imds_tracer.cli import _build
 from imds_tracer.config import Config
 from imds_tracer.sources.replay import PcapReplay
-from tests.lab.agent import AgentProcess
+from tests.lab.agent import AgentProcess, free_port
+from tests.unprivileged import NOBODY, base_python
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -466,3 +467,113 @@ def test_replay_into_a_full_disk_counts_and_recovers(tmp_path):
         # no half-written line glued to the next one: every line is whole
         for line in lines:
             assert whole_line(line), line
+
+
+# -- the metrics endpoint under a local flood ---------------------------------------------
+IDLE_CLIENTS = 1000
+IDLE_OPENER = """
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+held = []
+deadline = time.monotonic() + 30
+while len(held) < count and time.monotonic() < deadline:
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect(("127.0.0.1", port))  # and never sends a byte
+    except OSError:
+        s.close()
+        continue
+    held.append(s)
+print("OPEN", len(held), flush=True)
+sys.stdin.read()                        # held until the test closes stdin
+"""
+
+
+@contextlib.contextmanager
+def idle_connections(port: int, count: int = IDLE_CLIENTS):
+    """`count` connections to the metrics port that send nothing, opened by uid 65534 (any
+    local user can), held while the block runs; yields how many it could open in 30 s."""
+    need_root("switching to uid 65534")
+    # the OS interpreter, from /: the checkout and its venv may be closed to other users
+    proc = subprocess.Popen([*NOBODY, base_python(), "-c", IDLE_OPENER, str(port), str(count)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        word, opened = proc.stdout.readline().split()
+        yield int(opened)
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def scrape(port: int, timeout: float = 5) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def test_idle_connections_do_not_stall_the_replay_metrics_endpoint(tmp_path):
+    """No kernel needed: `replay --linger` serves the same endpoint, here with the 1,024-fd
+    limit a default unit would have."""
+    port = free_port()
+    proc = subprocess.Popen(["prlimit", "--nofile=1024:1024", "--", PYTHON, "-m",
+                             "imds_tracer", "replay", str(DATA / "aws.pcap"), "--log-dir",
+                             str(tmp_path / "logs"), "--metrics-addr", f"127.0.0.1:{port}",
+                             "--linger"], stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        for line in proc.stderr:
+            if "serving metrics" in line:
+                break
+        with idle_connections(port) as opened:
+            started = time.monotonic()
+            text = scrape(port)
+            assert time.monotonic() - started < 5
+            assert "imds_tracer_requests_total" in text
+            assert opened == IDLE_CLIENTS
+            assert proc.poll() is None
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def test_idle_connections_leave_scrapes_and_capture_working(lab, agents):
+    agent = agents()
+    agent.argv = ["prlimit", "--nofile=1024:1024", "--", *agent.argv]
+    agent.start()
+    marker = "fault-flood-" + secrets.token_hex(4)
+    with idle_connections(agent.port) as opened:
+        started = time.monotonic()
+        assert "imds_tracer_requests_total" in scrape(agent.port)
+        assert time.monotonic() - started < 5
+        assert opened == IDLE_CLIENTS
+        curl(lab, f"/latest/meta-data/{marker}")
+        (record,) = agent.wait_records(marker, 1)
+        assert record["pid"] and record["argv"], record   # process lookups still work
+    assert agent.alive()
+    assert agent.stop() == 0
+
+
+
+def test_sighup_with_a_symlink_planted_as_the_log_writes_nothing_through_it(lab, agents,
+                                                                           tmp_path):
+    agent = agents().start()
+    marker = "fault-symlink-" + secrets.token_hex(4)
+    curl(lab, f"/latest/meta-data/{marker}/before")
+    assert agent.wait_records(marker, 1)
+    target = tmp_path / "not-a-log"
+    target.write_text("precious\n")
+    target.chmod(0o644)
+    log = agent.log_dir / "imds-trace.log"
+    log.unlink()
+    log.symlink_to(target)                   # planted where the agent's log was
+    agent.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    curl(lab, f"/latest/meta-data/{marker}/after")
+    assert len(agent.wait_records(marker, 2)) == 2
+    time.sleep(0.5)                          # a poll or two: the line would be written now
+    assert target.read_text() == "precious\n"
+    assert (target.stat().st_mode & 0o777) == 0o644
+    assert log.is_symlink()
+    assert agent.metric("imds_tracer_dropped_total", 'kind="log_write"') >= 1
+    assert agent.alive()
+    assert agent.stop() == 0

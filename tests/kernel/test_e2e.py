@@ -388,3 +388,81 @@ def test_flood_everything_logged_or_counted(agent, lab):
 def _metric_sum(text: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(
         rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
+
+
+SECRET = "S3CRET"
+URLLIB_AUTH = f"""
+import sys, urllib.request, urllib.error
+url = sys.argv[1]
+mgr = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+mgr.add_password(None, url, "user", "{SECRET}-urllib")
+opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(mgr))
+req = urllib.request.Request(url, data=b"password={SECRET}-body",
+                             headers={{"Authorization": "Bearer {SECRET}-bearer",
+                                      "X-Api-Key": "{SECRET}-key"}})
+try:
+    opener.open(req, timeout=5).read()
+except urllib.error.HTTPError:
+    pass
+"""
+
+
+def test_secrets_from_real_clients_never_leave_the_agent(agent, lab):
+    """Credentials in every place real clients put them -- query strings, URL userinfo,
+    curl -u / -H / -d, wget --header / --password, a Python client with basic auth, a
+    bearer header and a body -- appear in no output file, no stream and no report."""
+    marker = "secret-" + secrets.token_hex(4)
+    base = f"http://{AWS_IP}/latest/meta-data/{marker}"
+    clients = [
+        ["curl", "-s", f"{base}/q?token={SECRET}&X-Amz-Signature={SECRET}"],
+        ["curl", "-s", "-u", f"user:{SECRET}", f"{base}/basic"],
+        ["curl", "-s", f"http://user:{SECRET}@{AWS_IP}/latest/meta-data/{marker}/userinfo"],
+        ["curl", "-s", "-H", f"X-Custom-Auth: {SECRET}", "-H", f"Cookie: s={SECRET}",
+         f"{base}/header"],
+        ["curl", "-s", "-d", f"token={SECRET}", f"{base}/body"],
+        ["wget", "-q", "-O", "/dev/null", f"--header=X-aws-ec2-metadata-token: {SECRET}",
+         f"{base}/wget-header"],
+        ["wget", "-q", "-O", "/dev/null", "--user=user", f"--password={SECRET}",
+         f"{base}/wget-password"],
+        [PYTHON, "-c", URLLIB_AUTH, f"{base}/python?key={SECRET}"],
+    ]
+    pids = []
+    for argv in clients:
+        proc = lab.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc.wait(30)   # wget exits non-zero on a 4xx: the request was made all the same
+        pids.append(proc.pid)
+    records = agent.records_of(pids, len(pids))
+    assert {r["pid"] for r in records} == set(pids)
+    assert all(marker in r["path"] for r in records)
+    report = subprocess.run([PYTHON, "-m", "imds_tracer", "report", "--log-dir",
+                             str(agent.log_dir), "--since", "1h"],
+                            capture_output=True, text=True, timeout=60)
+    outputs = {"json": agent.json_path.read_text(), "stderr": agent.stderr(),
+               "report": report.stdout + report.stderr,
+               "metrics": agent.metrics(),
+               "log": "".join(p.read_text() for p in agent.log_dir.glob("imds-trace*"))}
+    for name, text in outputs.items():
+        assert SECRET not in text, (name, [l for l in text.splitlines() if SECRET in l][:3])
+    # what identifies the caller and the request is still there
+    assert f"/latest/meta-data/{marker}/q?token=<redacted>" in outputs["log"]
+    assert "curl -s -u user: <redacted>" in outputs["log"].replace("\\x20", " ")
+
+
+def test_an_argv_longer_than_the_kernel_keeps_ends_with_a_marker(agent, lab):
+    """The kernel keeps the first IMDS_ARGV_BUF bytes of argv at exec and flags the rest as
+    cut: the record says so (JSON argv_truncated, the trace line's argv ends ...[truncated])
+    instead of passing the start off as the whole command line."""
+    marker = "argvcut-" + secrets.token_hex(4)
+    proc = run_client(lab, ["curl", "-s", *(["-s"] * 900),
+                            f"http://{AWS_IP}/latest/meta-data/{marker}"])
+    rec = one(agent.records_of(proc.pid, 1))
+    assert rec["argv_truncated"] is True and len(rec["argv"]) < 900, len(rec["argv"])
+    deadline = time.monotonic() + 5   # the trace log is written at the end of each poll
+    while True:
+        lines = [l for p in agent.log_dir.glob("imds-trace*")
+                 for l in p.read_text().splitlines() if f"(pid:{proc.pid}:" in l]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(lines) == 1 and lines[0].split(" argv:", 1)[1].split(")")[0].endswith(
+        "...[truncated]"), lines

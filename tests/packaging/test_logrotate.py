@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from imds_tracer.sinks.tracelog import LOG_NAME
+
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "packaging" / "logrotate" / "imds-tracer"
 LOGROTATE = shutil.which("logrotate") or "/usr/sbin/logrotate"
@@ -182,9 +184,11 @@ def test_rotation_with_the_real_agent(tmp_path, lab_factory):
     finally:
         status, err = agent.stop()
     assert status == 0, err
-    assert len(files_seen := list(log_dir.iterdir())) == 2, files_seen
+    # the trace log and the rotated one (beside them the agent's lock and evidence file)
+    logs = [p for p in log_dir.iterdir() if p.name.startswith(LOG_NAME)]
+    assert len(logs) == 2, logs
     files = {p.name: [int(n) for n in re.findall(r"seq-(\d+)", p.read_text())]
-             for p in log_dir.iterdir()}
+             for p in logs}
     rotated = [n for n in files if n.startswith("imds-trace.log-")]
     assert len(rotated) == 1, files.keys()
     old, new = files[rotated[0]], files["imds-trace.log"]

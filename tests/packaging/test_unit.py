@@ -78,6 +78,8 @@ def test_contract_settings():
     assert last["Service.ProtectSystem"] == "strict"
     assert last["Service.LogsDirectory"] == "imds"
     assert last["Service.LogsDirectoryMode"] == "0700"
+    # a bounded fd budget (the metrics endpoint caps its own connections within it)
+    assert 4096 <= int(last["Service.LimitNOFILE"]) <= 65536
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome", "LockPersonality",
                 "MemoryDenyWriteExecute"):
         assert last[f"Service.{key}"] in ("yes", "true"), key
