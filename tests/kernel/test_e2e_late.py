@@ -40,13 +40,17 @@ def test_agent_started_after_the_connection_opened(lab, tmp_path, backend_name):
                 client.stdin.flush()
                 assert client.stdout.readline().strip() == "done"
                 recs[ip] = late.records_of(client.pid, 2)
+            logged = [(r.get("pid"), r.get("comm"), r.get("dst_ip"), r.get("path"))
+                      for r in late.records()]
         finally:
             assert late.stop() == 0
     finally:
         for client in clients.values():
             client.kill()
             client.wait(5)
+    client_pids = {ip: c.pid for ip, c in clients.items()}
     for ip in (AWS_IP, AWS_IP6):
         assert [r["path"] for r in recs[ip]] == [
-            "/latest/meta-data/ami-id", "/latest/meta-data/hostname"], (ip, recs[ip])
+            "/latest/meta-data/ami-id", "/latest/meta-data/hostname"], \
+            (ip, client_pids, "all records (pid, comm, dst, path):", logged)
         assert all(r["dst_ip"] == ip and r["status"] == 200 for r in recs[ip]), recs[ip]

@@ -1,5 +1,5 @@
 """Client programs the tests run inside the lab (python -c SOURCE ARGS...)."""
-from __future__ import annotations   # `str | None` on Debian 11's Python 3.9
+from __future__ import annotations
 
 # Shared by the programs below: read one whole response (the head, then Content-Length
 # bytes), so that the next request on the connection starts on a clean stream.

@@ -17,7 +17,7 @@ Two halves:
 
 - `boot(...)` runs ``qemu-system-x86_64`` (KVM when a probe shows it works, else TCG) with the
   root as the lower layer of an overlay (tmpfs upper: the guest can write /tmp, /run, ...), the
-  checkout read-only at /lab/src, the kernel tree read-only at /lab/kernel (its modules and
+  checkout read-only at /lab/src (a copy made at boot), the kernel tree read-only at /lab/kernel (its modules and
   headers linked into place for BCC) and a writable results directory at /lab/run. The guest
   runs ``/lab/run/command.sh`` and writes its exit status to ``/lab/run/status``; `boot` returns
   a `GuestRun` with the status, the command's output and the serial console.
@@ -51,10 +51,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ROOT_PACKAGES = {
     "bullseye": "python3 python3-bpfcc python3-psutil python3-scapy python3-prometheus-client "
                 "python3-pytest python3-hypothesis python3-botocore python3-toml "
-                "iproute2 curl procps kmod",
+                "iproute2 curl procps kmod tcpdump",
     "trixie": "python3 python3-bpfcc python3-psutil python3-scapy python3-prometheus-client "
               "python3-pytest python3-hypothesis python3-botocore "
-              "iproute2 curl procps kmod",
+              "iproute2 curl procps kmod tcpdump",
 }
 # Modules the initramfs loads (with what they depend on), where they are not built in.
 INITRD_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
@@ -104,13 +104,10 @@ class SuiteApt:
         (self.dir / "status").touch()
         (self.dir / "sources.list").write_text(
             f"deb [signed-by={KEYRING}] {MIRROR} {self.suite} main\n")
-        lists = self.dir / "state" / "lists"
-        fresh = any(lists.glob("*Packages*")) and \
-            time.time() - (self.dir / "updated").stat().st_mtime < 86400 \
-            if (self.dir / "updated").exists() else False
-        if not fresh:
+        stamp = self.dir / "updated"
+        if not stamp.exists() or time.time() - stamp.stat().st_mtime > 86400:
             _run(["apt-get", *self.opts, "-qq", "update"])
-            (self.dir / "updated").touch()
+            stamp.touch()
 
     def depends(self, package: str) -> list[str]:
         out = _run(["apt-cache", *self.opts, "depends", package]).stdout
@@ -179,6 +176,7 @@ def setup_kernel(suite: str) -> Kernel:
     tmp.mkdir(parents=True)
     for deb in debs:
         _run(["dpkg-deb", "-x", str(deb), str(tmp)])
+        deb.unlink()
     shutil.rmtree(d / "tree", ignore_errors=True)
     tmp.rename(d / "tree")
     vmlinuz = d / "tree" / "boot" / f"vmlinuz-{release}"
@@ -269,7 +267,19 @@ def root_dir(suite: str) -> Path:
 def setup_root(suite: str) -> Path:
     """A debootstrap root of `suite` with ROOT_PACKAGES (the host's / for its own suite)."""
     root = root_dir(suite)
-    if root == Path("/") or (root / ".lab-complete").exists():
+    if root == Path("/"):
+        return root
+    done = root / ".lab-complete"
+    if done.exists():
+        missing = sorted(set(ROOT_PACKAGES[suite].split()) - set(done.read_text().split()))
+        if missing:     # the list grew since the root was made: add to it, not again from scratch
+            log(f"{suite}: adding {' '.join(missing)} to {root}")
+            for argv in (["apt-get", "-qq", "update"],
+                         ["apt-get", "-qq", "install", "-y", "--no-install-recommends", *missing],
+                         ["apt-get", "clean"]):
+                _run(["chroot", str(root), *argv],
+                     env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"})
+            done.write_text(ROOT_PACKAGES[suite] + "\n")
         return root
     tmp = root.with_name(suite + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -284,7 +294,8 @@ def setup_root(suite: str) -> Path:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"debootstrap {suite} failed ({proc.returncode}): {tail}")
     shutil.rmtree(tmp / "var" / "cache" / "apt" / "archives", ignore_errors=True)
-    (tmp / ".lab-complete").write_text(f"{time.monotonic() - started:.0f}s\n")
+    log(f"{suite}: debootstrap took {time.monotonic() - started:.0f}s")
+    (tmp / ".lab-complete").write_text(ROOT_PACKAGES[suite] + "\n")   # what it holds
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
@@ -407,6 +418,12 @@ def boot(suite: str, command: str, run_dir: Path, *, cgroup: str = "v2",
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("status", "output.log", "console.log"):
         (run_dir / name).unlink(missing_ok=True)
+    # the guest reads a copy of the checkout as it is now, not a tree that may change under it
+    src = run_dir / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(REPO_ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis", "dist", "build",
+        "*.egg-info"))
     exports = "".join(f"export {k}='{v}'\n" for k, v in (env or {}).items())
     (run_dir / "command.sh").write_text(exports + command + "\n")
     (run_dir / "stage2.sh").write_text(f"LAB_CGROUP={cgroup}\n" + STAGE2)
@@ -421,7 +438,7 @@ def boot(suite: str, command: str, run_dir: Path, *, cgroup: str = "v2",
             "-serial", f"file:{run_dir / 'console.log'}", "-monitor", "none",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init",
-            *share("root", root), *share("src", REPO_ROOT), *share("kernel", kernel.tree),
+            *share("root", root), *share("src", src), *share("kernel", kernel.tree),
             *share("run", run_dir, readonly=False)]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
