@@ -19,20 +19,12 @@ from imds_tracer.sources.cgroup import PRIVATE_CGROUP2
 from tests.kernel.conftest import run_client
 from tests.lab.agent import AgentProcess, free_port
 from tests.lab.clients import READ_RESPONSE
+from tests.lab.netns import V1_ONLY_CGROUPS
 
 AWS_IP = "169.254.169.254"
 PYTHON = sys.executable
 
-V1_ONLY = r"""
-set -e
-mount --make-rprivate /
-umount -R -l /sys/fs/cgroup
-mount -t tmpfs cgroup /sys/fs/cgroup
-for c in memory pids; do
-    mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
-done
-exec "$@"
-"""
+V1_ONLY = V1_ONLY_CGROUPS + 'exec "$@"\n'
 
 # the client in a net_cls + net_prio v1 cgroup with a class id and a priority map set (what
 # turns socket tagging on); the cgroup is removed after the client ran

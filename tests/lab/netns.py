@@ -408,3 +408,17 @@ class Lab:
     def issued_tokens(self) -> list[str]:
         """Every token the fake server issued so far."""
         return [r["token_issued"] for r in self.records() if r.get("token_issued")]
+
+
+# A cgroup-v1-only host (EL8 / Alibaba Cloud Linux 3 defaults) inside a private mount
+# namespace: the v2 mount hidden, a tmpfs with v1 hierarchies in its place. Shell lines, to be
+# followed by what runs on that "host" (run with `unshare -m sh -c ...`).
+V1_ONLY_CGROUPS = r"""
+set -e
+mount --make-rprivate /
+umount -R -l /sys/fs/cgroup
+mount -t tmpfs cgroup /sys/fs/cgroup
+for c in memory pids; do
+    mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+done
+"""

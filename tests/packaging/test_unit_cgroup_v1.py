@@ -19,20 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.lab.agent import AgentProcess
+from tests.lab.netns import V1_ONLY_CGROUPS
 from tests.packaging import sandbox
 from tests.packaging.agent import OS_PYTHON, agent_command
 from tests.packaging.test_unit import UNIT, _bcc_usable, _require_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
-V1_HOST = r"""
-set -e
-mount --make-rprivate /
-umount -R -l /sys/fs/cgroup
-mount -t tmpfs cgroup /sys/fs/cgroup
-for c in memory pids; do
-    mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
-done
-mount -t tmpfs run /run
+V1_HOST = V1_ONLY_CGROUPS + """mount -t tmpfs run /run
 echo ready
 exec sleep 3600
 """
