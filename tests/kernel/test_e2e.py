@@ -225,19 +225,13 @@ def test_request_split_over_sends(agent, lab):
 
 
 # issue 10: heads are judged when complete, however slowly they come
-SLOW_HEADS = r"""
+SLOW_HEADS = READ_RESPONSE + r"""
 import socket, sys, time
 s = socket.create_connection((sys.argv[1], 80))
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 f = s.makefile("rb")
 def body():
-    length = 0
-    while True:
-        line = f.readline()
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-        if line in (b"\r\n", b""):
-            return f.read(length)
+    return read_response(f)
 s.sendall(b"PUT /latest/api/token HTTP/1.1\r\nHost: s\r\n"
           b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n")
 token = body()

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 # Shared by the programs below: read one whole response (the head, then Content-Length
-# bytes), so that the next request on the connection starts on a clean stream.
+# bytes), so that the next request on the connection starts on a clean stream; the body is
+# returned.
 READ_RESPONSE = r"""
 def read_response(f):
     length = 0
@@ -12,7 +13,7 @@ def read_response(f):
             length = int(line.split(b":")[1])
         if line in (b"\r\n", b""):
             break
-    f.read(length)
+    return f.read(length)
 """
 
 # A keep-alive client: one request, then waits for a line on stdin, then two more on the same
