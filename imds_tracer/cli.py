@@ -254,7 +254,7 @@ def cmd_run(args) -> int:
                  ", ".join(config.addresses), ", ".join(map(str, config.ports)), source.name)
         sd_notify("READY=1\nSTATUS=capturing with the %s backend" % source.name)
         while not flags["stop"]:
-            source.poll(pipeline, 200)
+            pipeline.take(source.poll(200))
             pipeline.tick(time.time())
             if flags["reopen"]:
                 flags["reopen"] = False

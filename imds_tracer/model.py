@@ -45,6 +45,28 @@ class Chunk:
     lost: int = 0            # bytes that followed `data` in this send but were not copied
 
 
+@dataclass(frozen=True)
+class FlowClosed:
+    """The connection `flow` ended (or its source stopped tracking it)."""
+    flow: Hashable
+    ts: float
+
+
+@dataclass(frozen=True)
+class ClientGaveUp:
+    """The client closed its side of `flow` (FIN): whatever it still waits for will not come."""
+    flow: Hashable
+    ts: float
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """`count` things of `kind` were lost or cut before the pipeline saw them."""
+    kind: str
+    count: int
+    detail: str = ""
+
+
 @dataclass
 class RequestHead:
     """A parsed request head; read-only once made. (Not frozen: one is made per request, and

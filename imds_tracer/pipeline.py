@@ -20,7 +20,7 @@ from .config import Config
 from .enrich import RECENT_TTL, Enricher
 from .fallback import FallbackTracker
 from .flows import FlowTable
-from .model import Chunk, Exchange, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
+from .model import Chunk, ClientGaveUp, Exchange, FlowClosed, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
 from .redact import escape_fields, redact_argv, redact_header, redact_raw, redact_url
 
 log = logging.getLogger("imds_tracer")
@@ -71,7 +71,19 @@ class Pipeline:
         self._safe: dict[ProcessInfo, ProcessInfo] = {}  # escaping, once per process seen
         self.fallbacks = FallbackTracker()
 
-    # -- what sources call ------------------------------------------------------------
+    # -- what sources read ------------------------------------------------------------
+    def take(self, items: Iterable) -> None:
+        """A source's poll, in order (see sources/base.py)."""
+        for item in items:
+            if isinstance(item, Chunk):
+                self.flows.feed(item)
+            elif isinstance(item, FlowClosed):
+                self.flows.close(item.flow, item.ts)
+            elif isinstance(item, ClientGaveUp):
+                self.flows.client_gave_up(item.flow, item.ts)
+            else:
+                self.drop(item.kind, item.count, item.detail)
+
     def feed(self, chunk: Chunk) -> None:
         self.flows.feed(chunk)
 

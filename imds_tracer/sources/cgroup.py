@@ -338,9 +338,8 @@ class CgroupSource(KernelSource):
             super().handle_event(ev, payload)
             return
         self.stats["packets"] += 1
-        pipeline = self._pipeline
         version = payload[0] >> 4 if payload else 0
-        if pipeline is None or version not in (4, 6):
+        if version not in (4, 6):
             return
         process = None
         if ev.tgid:   # 0: a received packet of a socket connected before the agent started
@@ -352,5 +351,5 @@ class CgroupSource(KernelSource):
             else:
                 self._conns.move_to_end(ev.conn_id)
             process = self._snapshot(ev, info)
-        self.demux.ip_packet(payload, 0, version, self.wall_time(ev.ts_ns), pipeline,
+        self.demux.ip_packet(payload, 0, version, self.wall_time(ev.ts_ns), self._out,
                              scope=ev.conn_id, process=process)

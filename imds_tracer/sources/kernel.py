@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Hashable, List, NamedTuple
 
 from ..model import Chunk, Direction, ProcessSnapshot
-from .base import SourceError
+from .base import Batch, SourceError, SourceItem
 from .bcc_module import import_bcc
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ class KernelSource:
         self.bpf = None
         self.probes = 0
         self.use_perf = not ringbuf_supported()
-        self._pipeline = None
+        self._out = Batch()   # what the current poll has read
         self._conns: OrderedDict[int, ConnInfo] = OrderedDict()
         self._max_conns = max(1024, int(getattr(config, "max_flows", 65536)))
         self._counters_seen = [0] * 4
@@ -355,21 +355,21 @@ class KernelSource:
             events.open_ring_buffer(self._on_ring_event)
 
     # ---- reading -----------------------------------------------------------------------
-    def poll(self, pipeline, timeout_ms: int) -> None:
+    def poll(self, timeout_ms: int) -> List[SourceItem]:
+        """What the kernel sent since the last poll (see sources/base.py)."""
         if self.bpf is None:
-            return
-        self._pipeline = pipeline
-        try:
-            if self.use_perf:
-                self.bpf.perf_buffer_poll(timeout=int(timeout_ms))
-            else:
-                self.bpf.ring_buffer_poll(timeout=int(timeout_ms))
-            now = time.monotonic()
-            if now - self._last_counter_read >= 1.0:
-                self._last_counter_read = now
-                self._report_counters(pipeline)
-        finally:
-            self._pipeline = None
+            return []
+        self._out = out = Batch()
+        if self.use_perf:
+            self.bpf.perf_buffer_poll(timeout=int(timeout_ms))
+        else:
+            self.bpf.ring_buffer_poll(timeout=int(timeout_ms))
+        now = time.monotonic()
+        if now - self._last_counter_read >= 1.0:
+            self._last_counter_read = now
+            self._report_counters()
+        self._out = Batch()
+        return out
 
     def _on_ring_event(self, _ctx, data, size):
         self._dispatch(ctypes.string_at(data, size))
@@ -380,8 +380,7 @@ class KernelSource:
 
     def _on_perf_lost(self, lost):
         self.stats["kernel_lost"] += lost
-        if self._pipeline is not None:
-            self._pipeline.drop("kernel_lost", int(lost), "perf buffer full (raise capture.perf_pages)")
+        self._out.drop("kernel_lost", int(lost), "perf buffer full (raise capture.perf_pages)")
 
     def read_counters(self) -> list[int]:
         """Sums of the kernel's per-CPU drop counters (see IMDS_CNT_* in bpf/event.h)."""
@@ -392,16 +391,16 @@ class KernelSource:
             out.append(sum(int(v) for v in values))
         return out
 
-    def _report_counters(self, pipeline) -> None:
+    def _report_counters(self) -> None:
         counts = self.read_counters()
         delta = [now - seen for now, seen in zip(counts, self._counters_seen)]
         self._counters_seen = counts
         if delta[CNT_OUTPUT_FAILED] > 0:
             self.stats["kernel_lost"] += delta[CNT_OUTPUT_FAILED]
-            pipeline.drop("kernel_lost", delta[CNT_OUTPUT_FAILED],
+            self._out.drop("kernel_lost", delta[CNT_OUTPUT_FAILED],
                           "ring buffer full (raise capture.perf_pages)")
         if delta[CNT_SENDS_TRUNCATED] > 0:
-            pipeline.drop("payload_truncated", delta[CNT_SENDS_TRUNCATED],
+            self._out.drop("payload_truncated", delta[CNT_SENDS_TRUNCATED],
                           f"sends longer than capture.max_payload={self.config.max_payload} bytes")
 
     def _dispatch(self, raw: bytes) -> None:
@@ -419,18 +418,16 @@ class KernelSource:
                 tb = tb.tb_next
             log.error("kernel event of kind %d dropped: %s in %s line %d", ev.kind,
                       type(exc).__name__, tb.tb_frame.f_code.co_name, tb.tb_lineno)
-            if self._pipeline is not None:
-                self._pipeline.drop("event_error", 1)
+            self._out.drop("event_error", 1)
 
     def wall_time(self, ts_ns: int) -> float:
         return ts_ns / 1e9 + self._clock_offset
 
-    # ---- events -> pipeline --------------------------------------------------------------
+    # ---- events -> source items ----------------------------------------------------------
     def flow_key(self, ev: EventHeader) -> Hashable:
         return (self.flow_tag, ev.tgid, ev.fd, ev.conn_id)
 
     def handle_event(self, ev: EventHeader, payload: bytes) -> None:
-        pipeline = self._pipeline
         kind = ev.kind
         if kind == EV_CONNECT:
             self.stats["connects"] += 1
@@ -442,9 +439,7 @@ class KernelSource:
                 info = self._remember(ev, None)
             else:
                 self._conns.move_to_end(ev.conn_id)
-            if pipeline is None:
-                return
-            pipeline.feed(Chunk(
+            self._out.feed(Chunk(
                 flow=info.flow,
                 direction=Direction.REQUEST if kind == EV_SEND else Direction.RESPONSE,
                 data=payload,
@@ -504,14 +499,13 @@ class KernelSource:
         self._conns[ev.conn_id] = info
         while len(self._conns) > self._max_conns:
             _cid, evicted = self._conns.popitem(last=False)
-            if self._pipeline is not None:
-                self._pipeline.close_flow(evicted.flow, time.time())
+            self._out.close_flow(evicted.flow, time.time())
         return info
 
     def _close(self, conn_id: int, ts: float) -> None:
         info = self._conns.pop(conn_id, None)
-        if info is not None and self._pipeline is not None:
-            self._pipeline.close_flow(info.flow, ts)
+        if info is not None:
+            self._out.close_flow(info.flow, ts)
 
     def _forget_kernel_fd(self, tgid: int, fd: int) -> None:
         pass

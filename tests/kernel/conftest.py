@@ -51,7 +51,7 @@ def _kernel_required():
 
 
 class Recorder:
-    """Stands in for the pipeline: records what a source delivers."""
+    """Stands in for the pipeline: records what a source's polls returned."""
 
     def __init__(self):
         self.chunks = []
@@ -69,6 +69,17 @@ class Recorder:
 
     def drop(self, kind, count=1, detail=""):
         self.drops.append((kind, count, detail))
+
+    def take(self, items):
+        """What one poll of a source returned."""
+        from imds_tracer.model import Chunk, ClientGaveUp, FlowClosed
+        for item in items:
+            if isinstance(item, Chunk):
+                self.feed(item)
+            elif isinstance(item, FlowClosed):
+                self.close_flow(item.flow, item.ts)
+            elif not isinstance(item, ClientGaveUp):
+                self.drop(item.kind, item.count, item.detail)
 
 
 @pytest.fixture

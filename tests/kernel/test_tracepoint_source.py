@@ -33,7 +33,7 @@ class Pump:
     def _run(self):
         while not self._stop.is_set():
             with self._lock:
-                self.source.poll(self.recorder, 50)
+                self.recorder.take(self.source.poll(50))
 
     def __enter__(self):
         self._thread.start()
@@ -296,9 +296,9 @@ def test_ring_buffer_overflow_is_counted(lab):
         assert proc.wait(30) == 0
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            src.poll(rec, 100)
+            rec.take(src.poll(100))
         src._last_counter_read = 0.0
-        src.poll(rec, 10)
+        rec.take(src.poll(10))
     finally:
         src.stop()
     delivered = len(requests_of(rec, proc.pid))
