@@ -212,7 +212,7 @@ def sd_notify(message: str) -> None:
 
 def _can_load_bpf() -> bool:
     """Root, or the capabilities BCC needs (CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN)."""
-    from .sources.helpers import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_caps
+    from .sources.caps import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_caps
 
     caps = effective_caps()
     has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
@@ -220,7 +220,7 @@ def _can_load_bpf() -> bool:
 
 
 def cmd_run(args) -> int:
-    from .sources.kernel import open_source
+    from .sources.select import open_source
 
     if not _can_load_bpf():
         raise SourceError("imds-tracer run needs root, or CAP_BPF and CAP_PERFMON "

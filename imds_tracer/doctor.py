@@ -20,8 +20,6 @@ TRACEFS = Path("/sys/kernel/tracing")
 BTF = Path("/sys/kernel/btf/vmlinux")
 SYSCALL_TRACEPOINTS = ("connect", "write", "writev", "sendto", "sendmsg", "read", "readv",
                        "recvfrom", "recvmsg", "close", "execve")
-CAPS = {"CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
-SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
 
 @dataclass
@@ -54,6 +52,7 @@ def kernel_config(option: str) -> str | None:
 
 
 def check_bpf_syscall() -> Check:
+    from .sources.bpfsys import SYS_BPF
     nr = SYS_BPF.get(platform.machine())
     if nr is None:
         return Check("BPF syscall", True, f"not probed on {platform.machine()}", required=False)
@@ -184,11 +183,10 @@ def check_btf() -> Check:
 
 
 def check_capabilities() -> Check:
-    from .sources.helpers import effective_caps
-    caps = effective_caps()
-    have = [name for name, bit in CAPS.items() if caps >> bit & 1]
-    enough = "CAP_SYS_ADMIN" in have or {"CAP_BPF", "CAP_PERFMON"} <= set(have)
-    detail = "effective: " + (", ".join(have) if have else "none of " + ", ".join(CAPS))
+    from .sources import caps
+    have = caps.names(caps.effective_caps() & sum(1 << bit for bit in caps.NAMES.values()))
+    enough = caps.can_load_bpf()
+    detail = "effective: " + (", ".join(have) if have else "none of " + ", ".join(caps.NAMES))
     return Check("capabilities", enough, detail,
                  "" if enough else "run as root, or grant CAP_BPF CAP_PERFMON (CAP_SYS_ADMIN "
                  "on kernels before 5.8)")
@@ -223,7 +221,7 @@ def dry_run(config) -> tuple[Check, str | None, list[str]]:
     """Selects, compiles, loads and attaches the backend `run --backend auto` would use (the
     same function run calls), then detaches it: (check, backend, backends passed over)."""
     from .sources.base import SourceError
-    from .sources.kernel import select_backend
+    from .sources.select import select_backend
     started = time.monotonic()
     try:
         source, passed_over = select_backend(config, "auto")
@@ -241,7 +239,7 @@ def dry_run(config) -> tuple[Check, str | None, list[str]]:
 def guess_backend(config) -> tuple[str | None, list[str]]:
     """Without loading: the first backend the checks that need no compile do not rule out."""
     from .sources.base import SourceError
-    from .sources.kernel import select_backend
+    from .sources.select import select_backend
     try:
         source, passed_over = select_backend(config, "auto", load=False)
     except SourceError:

@@ -7,13 +7,13 @@ writes and sends therefore cost next to nothing, where syscall tracepoints slow 
 syscall of the machine. Packets arrive as a capture would hold them and go through the
 replay's decoder (`packets.TcpDemux`), keyed by socket cookie.
 
-The hooks are attached with BPF links: they go away with the agent's process, also when it
-is killed, so a crashed agent leaves nothing running in the kernel.
+The hooks are attached (by the loader, loader.py) with BPF links, whose descriptors the agent
+holds: they go away with the agent's process, also when it is killed, so a crashed agent
+leaves nothing running in the kernel.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -21,25 +21,22 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from . import helpers
-from .base import SourceError
-from .bcc_module import import_bcc
-from .btf import VMLINUX_BTF, Btf, BtfError, exec_argv_constants
-from .kernel import EV_PACKET, EventHeader, KernelSource, ringbuf_supported
+from . import bpfsys, caps, helpers
+from .events import EV_PACKET, F_OWNER_GUESSED, EventHeader
+from .helpers import ringbuf_supported
+from .kernel import KernelSource
 from .packets import TcpDemux
 
 log = logging.getLogger("imds_tracer")
 
-F_INGRESS, F_OWNER_GUESSED = 0x4, 0x8
-
-# (function in bpf/cgroup.c, BCC program type name, bpf_attach_type from uapi/linux/bpf.h)
+# (function in bpf/cgroup.c, bpf_prog_type, bpf_attach_type from uapi/linux/bpf.h)
 CGROUP_INET_INGRESS, CGROUP_INET_EGRESS = 0, 1
 CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
 HOOKS = (
-    ("imds_connect4", "CGROUP_SOCK_ADDR", CGROUP_INET4_CONNECT),
-    ("imds_connect6", "CGROUP_SOCK_ADDR", CGROUP_INET6_CONNECT),
-    ("imds_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
-    ("imds_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+    ("imds_connect4", helpers.PROG_CGROUP_SOCK_ADDR, CGROUP_INET4_CONNECT),
+    ("imds_connect6", helpers.PROG_CGROUP_SOCK_ADDR, CGROUP_INET6_CONNECT),
+    ("imds_egress", helpers.PROG_CGROUP_SKB, CGROUP_INET_EGRESS),
+    ("imds_ingress", helpers.PROG_CGROUP_SKB, CGROUP_INET_INGRESS),
 )
 
 
@@ -118,8 +115,8 @@ def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
 # every socket. Either `imds-tracer cgroup2 mount` mounts it before the agent starts (the
 # systemd unit's ExecStartPre, outside the sandbox that keeps CAP_SYS_ADMIN from the agent;
 # the agent finds it in /proc/self/mountinfo like any other) and `imds-tracer cgroup2
-# unmount` removes it after, or an agent holding CAP_SYS_ADMIN mounts it itself and unmounts
-# it when it stops.
+# unmount` removes it after, or a loader holding CAP_SYS_ADMIN mounts it itself, attaches,
+# and unmounts it again at once: the links hold the hierarchy's root cgroup, not the mount.
 PRIVATE_CGROUP2 = Path("/run/imds-tracer/cgroup2")
 MNT_DETACH = 2
 
@@ -181,24 +178,19 @@ def unmount_cgroup2_for_hooks(path: Path = PRIVATE_CGROUP2) -> str:
     raise OSError(errno.EBUSY, f"{path} is still mounted")
 
 
-_libbpf = None
+BPF_LINK_CREATE = 28
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_ = [("prog_fd", ctypes.c_uint32), ("target_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("pad", ctypes.c_uint8 * 48)]
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
-    """A BPF link attaching a program to a cgroup: the link fd, closed to detach.
-    Raises OSError."""
-    global _libbpf
-    if _libbpf is None:
-        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-        _libbpf = ctypes.CDLL(name, use_errno=True)
-        _libbpf.bpf_link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                            ctypes.c_void_p]
-        _libbpf.bpf_link_create.restype = ctypes.c_int
-    fd = _libbpf.bpf_link_create(prog_fd, target_fd, attach_type, None)
-    if fd < 0:
-        code = -fd if fd < -1 else ctypes.get_errno() or errno.EINVAL
-        raise OSError(code, os.strerror(code))
-    return fd
+    """A BPF link attaching a program to a cgroup (bpf(BPF_LINK_CREATE), kernel >= 5.7): the
+    link fd, closed to detach. Raises OSError."""
+    return bpfsys.bpf(BPF_LINK_CREATE, _LinkCreateAttr(prog_fd, target_fd, attach_type, 0))
 
 
 def port_match(ports) -> str:
@@ -208,18 +200,13 @@ def port_match(ports) -> str:
 
 class CgroupSource(KernelSource):
     name = "cgroup"
-    program = "cgroup.c"
     flow_tag = "cg"
     tracks_fds = False
 
     def __init__(self, config):
         super().__init__(config)
-        self.root = cgroup2_root()
-        self.private_mount = False
         self.demux = TcpDemux(config.addresses, config.ports, self.name,
                               max_conns=config.max_flows)
-        self.exec_argv = False
-        self._links: list[int] = []
         self.stats.update({"packets": 0, "owner_guessed": 0})
 
     @classmethod
@@ -235,103 +222,11 @@ class CgroupSource(KernelSource):
                         "(a cgroup namespace?): mount the host's /sys/fs/cgroup")
             if not cgroup2_supported():
                 return "the kernel has no cgroup2 filesystem"
-            if not helpers.effective_caps() >> helpers.CAP_SYS_ADMIN & 1:
+            if not caps.effective_caps() >> caps.CAP_SYS_ADMIN & 1:
                 return ("no cgroup v2 hierarchy mounted (a cgroup v1 host), and no "
                         "CAP_SYS_ADMIN to mount one: run 'imds-tracer cgroup2 mount' as root "
                         "before the agent (the systemd unit does)")
-        return None   # no v2 mount on a v1 host: start() mounts a private one
-
-    def _cflags(self) -> list[str]:
-        flags = super()._cflags() + [f"-DIMDS_PORT_MATCH(p)={port_match(self.config.ports)}"]
-        if hook_support().packet_current_task:
-            flags.append("-DIMDS_SKB_CURRENT_TASK")
-        else:
-            log.info("cgroup backend: this kernel lets cgroup_skb programs call no "
-                     "current-task helper: requests on sockets connected before the agent "
-                     "started are logged without their process")
-        try:
-            constants = exec_argv_constants(Btf.load(VMLINUX_BTF))
-        except BtfError as exc:
-            log.info("argv at exec not captured (%s): argv comes from /proc at connect", exc)
-            return flags
-        self.exec_argv = True
-        return flags + [f"-D{k}={v}" for k, v in sorted(constants.items())]
-
-    def _no_probe_message(self) -> str:
-        return f"no cgroup hook attached to {self.root}; see imds-tracer doctor"
-
-    def _attach(self) -> int:
-        BPF = import_bcc().BPF
-
-        if self.root is None:
-            self._mount_private()
-        try:
-            cgroup_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        except (OSError, TypeError) as exc:
-            raise SourceError(f"cgroup backend: cannot open the cgroup v2 root "
-                              f"{self.root}: {getattr(exc, 'strerror', exc)}") from None
-        try:
-            for func, prog_type, attach_type in HOOKS:
-                prog_fd, ours = self._load_hook(func, getattr(BPF, prog_type), attach_type)
-                try:
-                    self._links.append(link_create(prog_fd, cgroup_fd, attach_type))
-                except OSError as exc:
-                    raise SourceError(f"cgroup backend: attaching {func} to {self.root} "
-                                      f"failed: {exc.strerror}") from None
-                finally:
-                    if ours:   # the link holds the program
-                        os.close(prog_fd)
-        finally:
-            os.close(cgroup_fd)
-        attached = len(self._links) + self._attach_process_cache()
-        if self.exec_argv:
-            try:
-                self.bpf.attach_tracepoint(tp=b"sched:sched_process_exec",
-                                           fn_name=b"imds_on_exec")
-                attached += 1
-            except Exception as exc:  # noqa: BLE001 - BCC raises bare Exception
-                log.warning("sched:sched_process_exec not attached (%s): argv of processes "
-                            "that exit early will be unknown", exc)
-        return attached
-
-    def _load_hook(self, func: str, prog_type: int, attach_type: int) -> tuple[int, bool]:
-        """(program fd, whether we own it). BCC before 0.19 (Debian 11's 0.18) has no
-        attach_type for load_func, which cgroup/connect programs need at load: there, BCC's
-        compiled instructions are loaded with it directly."""
-        try:
-            return self.bpf.load_func(func.encode(), prog_type, attach_type=attach_type).fd, False
-        except TypeError:
-            pass
-        try:
-            return helpers.load_program(prog_type, attach_type,
-                                        self.bpf.dump_func(func.encode()), func), True
-        except (OSError, helpers.ProbeError) as exc:
-            raise SourceError(f"cgroup backend: loading {func} failed: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
-
-    def _mount_private(self) -> None:
-        try:
-            self.root = mount_private_cgroup2()
-        except OSError as exc:
-            raise SourceError(f"cgroup backend: no cgroup v2 hierarchy mounted (a cgroup v1 "
-                              f"host) and mounting one at {PRIVATE_CGROUP2} failed: "
-                              f"{exc.strerror}") from None
-        self.private_mount = True
-        log.warning("cgroup backend: no cgroup v2 hierarchy mounted (a cgroup v1 host): "
-                    "mounted one at %s for the socket hooks, every process is in its root; "
-                    "unmounted at exit", self.root)
-
-    def stop(self) -> None:
-        links, self._links = self._links, []
-        for fd in links:   # closing the last reference to a link detaches its program
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        super().stop()
-        if self.private_mount:
-            self.private_mount = False
-            unmount_private_cgroup2()
+        return None   # no v2 mount on a v1 host: the loader mounts a private one
 
     def handle_event(self, ev: EventHeader, payload: bytes) -> None:
         if ev.kind != EV_PACKET:

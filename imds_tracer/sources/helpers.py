@@ -14,9 +14,11 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import resource
 
-SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+from .bpfsys import SYS_BPF
+
 BPF_MAP_CREATE, BPF_PROG_LOAD = 0, 5
 MAP_RINGBUF = 27
 
@@ -152,21 +154,16 @@ def helper_allowed(prog_type: int, attach_type: int, helper: str) -> bool:
     return True   # refused for another reason (the probe's arguments): the helper exists
 
 
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
-
-
-def effective_caps() -> int:
-    """This process's effective capability mask (0 when /proc does not say)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 def allowed_helpers(prog_type: int, attach_type: int, names) -> dict[str, bool]:
     """{helper: allowed} for each of `names`. Raises ProbeError."""
     return {name: helper_allowed(prog_type, attach_type, name) for name in names}
+
+
+def ringbuf_supported() -> bool:
+    """BPF ring buffers: asked of the kernel (a map created and closed); by the version
+    (mainline 5.8) only where the kernel will not say."""
+    try:
+        return ringbuf_map_supported()
+    except ProbeError:
+        match = re.match(r"(\d+)\.(\d+)", platform.release())
+        return bool(match) and (int(match.group(1)), int(match.group(2))) >= (5, 8)

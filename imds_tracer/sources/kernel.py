@@ -1,233 +1,37 @@
-"""Shared BCC glue for the kernel sources: compile and load `bpf/*.c`, read the event stream,
-turn events into pipeline chunks, count what the kernel lost, and pick a backend.
-
-`bcc` is imported lazily (inside functions): the rest of the package, and the unit tests,
-import this module without BCC installed.
-
-Event contract: `bpf/event.h`; `EventHeader` below is its ctypes mirror
-(tests/unit/test_event_layout.py pins the two together).
+"""The agent's side of the kernel backends: the event stream the loader's programs write
+(ring buffer or perf buffers, read by `bpfsys`) decoded into pipeline items -- Chunk,
+FlowClosed, Dropped -- with the per-connection process facts, and the kernel's process caches
+(argv at exec, parent at fork) for enrichment. Compiling and attaching are the loader's
+(`loader.py`, a short-lived child: the only code that imports BCC); the event layout is
+`events.py`; which backend runs is `select.py`.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ipaddress
 import logging
 import os
-import platform
-import re
+import struct
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Hashable, List, NamedTuple
+from typing import TYPE_CHECKING, Hashable, List
 
 from ..model import Chunk, Direction, ProcessSnapshot
+from . import bpfsys, caps
 from .base import Batch, SourceError, SourceItem
-from .bcc_module import import_bcc
+from .events import (ARGV_BUF, CNT_ARGV_TRUNCATED, CNT_OUTPUT_FAILED, CNT_SENDS_TRUNCATED,
+                     CNT_SLOTS, CNT_STALE_FD, EV_CLOSE, EV_CONNECT, EV_RECV, EV_SEND,
+                     EV_TGID_RESET, F_ARGV_TRUNCATED, F_NO_ARGV, HEADER_SIZE, EventHeader,
+                     format_addr, split_argv)
+from .helpers import ringbuf_supported
+from .loader import LoaderProcess, spec_of
 
 if TYPE_CHECKING:
     from ..config import Config
 
 log = logging.getLogger("imds_tracer")
 
-# imds_tracer/bpf is a symlink to ../bpf in a checkout and a directory in an installed
-# package: found relative to this module, never to the working directory.
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-
-EV_CONNECT, EV_SEND, EV_RECV, EV_CLOSE, EV_TGID_RESET, EV_PACKET = 1, 2, 3, 4, 5, 6
-F_ARGV_TRUNCATED, F_NO_ARGV = 0x1, 0x2
-CNT_OUTPUT_FAILED, CNT_SENDS_TRUNCATED, CNT_STALE_FD, CNT_ARGV_TRUNCATED = range(4)
-AF_INET, AF_INET6 = 2, 10
-RESPONSE_BYTES = 256
-ARGV_BUF = 1024 + 256   # IMDS_ARGV_BUF in bpf/common.h
-
-
-class EventHeader(ctypes.Structure):
-    """ctypes mirror of `struct imds_event` (bpf/event.h); the payload follows it."""
-    _fields_ = [
-        ("ts_ns", ctypes.c_uint64),
-        ("conn_id", ctypes.c_uint64),
-        ("cgroup_id", ctypes.c_uint64),
-        ("tgid", ctypes.c_uint32),
-        ("tid", ctypes.c_uint32),
-        ("uid", ctypes.c_uint32),
-        ("ppid", ctypes.c_uint32),
-        ("fd", ctypes.c_uint32),
-        ("fd_last", ctypes.c_uint32),
-        ("payload_len", ctypes.c_uint32),
-        ("lost_bytes", ctypes.c_uint32),
-        ("kind", ctypes.c_uint16),
-        ("family", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-        ("flags", ctypes.c_uint16),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("comm", ctypes.c_char * 16),
-    ]
-
-
-HEADER_SIZE = ctypes.sizeof(EventHeader)
-
-
-def format_addr(raw: bytes) -> str:
-    """16 bytes of address: v4-mapped IPv6 is shown as IPv4."""
-    addr = ipaddress.IPv6Address(bytes(raw))
-    mapped = addr.ipv4_mapped
-    return str(mapped) if mapped is not None else str(addr)
-
-
-def addr_key_bytes(text: str) -> bytes:
-    """The 16-byte form the kernel filters on (IPv4 as v4-mapped)."""
-    addr = ipaddress.ip_address(text)
-    if addr.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + addr.packed
-    return addr.packed
-
-
-def split_argv(payload: bytes) -> tuple[str, ...]:
-    parts = payload.split(b"\0")
-    if parts and parts[-1] == b"":
-        parts.pop()
-    return tuple(p.decode("utf-8", "backslashreplace") for p in parts)
-
-
-def _next_pow2(n: int) -> int:
-    p = 1
-    while p < n:
-        p <<= 1
-    return p
-
-
-def possible_cpus() -> int:
-    try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
-        last = 0
-        for part in text.split(","):
-            last = max(last, int(part.split("-")[-1]))
-        return last + 1
-    except (OSError, ValueError):
-        return os.cpu_count() or 1
-
-
-def compile_flags(config: "Config", *, use_perf: bool = False) -> list[str]:
-    """-D settings for bpf/common.h from the config."""
-    limit = int(config.max_payload)
-    cap = max(_next_pow2(limit), 1024, RESPONSE_BYTES)
-    ncpu = possible_cpus()
-    ring_pages = _next_pow2(max(int(config.perf_pages) * ncpu, 8))
-    flags = [
-        f"-I{BPF_DIR}",
-        f"-DIMDS_PAYLOAD_LIMIT={limit}",
-        f"-DIMDS_PAYLOAD_CAP={cap}",
-        f"-DIMDS_RESPONSE_BYTES={RESPONSE_BYTES}",
-        f"-DIMDS_RING_PAGES={ring_pages}",
-        f"-DIMDS_NCPU={ncpu}",
-        "-Wno-unused-function",
-    ]
-    if use_perf:
-        flags.append("-DIMDS_USE_PERF")
-    child_off = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")
-    if child_off is not None:
-        flags.append(f"-DIMDS_FORK_CHILD_PID_OFF={child_off}")
-    return flags
-
-
-def tracepoint_field_offset(category: str, event: str, field: str,
-                            tracefs: Path = Path("/sys/kernel/tracing")) -> int | None:
-    """Offset of a field in a tracepoint's record, from its format file (a stable ABI)."""
-    try:
-        text = (tracefs / "events" / category / event / "format").read_text()
-    except OSError:
-        return None
-    match = re.search(r"field:[^;]*\b" + re.escape(field) + r"(\[\d*\])?;\s*offset:(\d+);", text)
-    return int(match.group(2)) if match else None
-
-
-def ringbuf_supported() -> bool:
-    """BPF ring buffers: asked of the kernel (a map created and closed); by the version
-    (mainline 5.8) only where the kernel will not say."""
-    from .helpers import ProbeError, ringbuf_map_supported
-    try:
-        return ringbuf_map_supported()
-    except ProbeError:
-        match = re.match(r"(\d+)\.(\d+)", platform.release())
-        return bool(match) and (int(match.group(1)), int(match.group(2))) >= (5, 8)
-
-
-_LOCAL_INCLUDE = re.compile(r'^#include "([\w./-]+)"\s*$', re.M)
-
-
-def bpf_source(filename: str, _seen: set | None = None) -> str:
-    """bpf/<filename> with its local #include "..." files inlined.
-
-    BCC rewrites map calls (`map.lookup(...)`) in the main file only; helpers in a header that
-    touch maps must therefore reach BCC as part of the main text.
-    """
-    seen = set() if _seen is None else _seen
-    text = (BPF_DIR / filename).read_text()
-
-    def inline(match):
-        name = match.group(1)
-        if name in seen:
-            return ""
-        seen.add(name)
-        return f"/* ---- {name} ---- */\n" + bpf_source(name, seen)
-
-    return _LOCAL_INCLUDE.sub(inline, text)
-
-
-def load_bpf(filename: str, cflags: list[str]):
-    """Compile bpf/<filename> with BCC. Raises SourceError with a one-line reason."""
-    BPF = import_bcc().BPF  # lazy on purpose: raises SourceError naming the package
-    path = BPF_DIR / filename
-    try:
-        text = bpf_source(filename)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
-    build = Path("/lib/modules") / platform.release() / "build"
-    if not os.path.exists(build):
-        raise SourceError(f"no kernel headers at {build} (BCC needs them to compile "
-                          f"{filename}); install linux-headers; see imds-tracer doctor")
-    with _captured_stderr() as captured:
-        try:
-            return BPF(text=text.encode(), cflags=cflags)
-        except Exception as exc:  # BCC raises bare Exception on compile/load errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            why = _first_error(captured())
-            raise SourceError(f"loading {filename} failed: {first}"
-                              + (f" ({why})" if why else "")
-                              + "; see imds-tracer doctor") from None
-
-
-def _first_error(text: str) -> str:
-    """The line of BCC's stderr that says why: a clang error or the verifier's verdict."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in lines:
-        if "error:" in line:
-            return line[:300]
-    verifier = [line for line in lines if not line.startswith(("processed ", "HINT"))]
-    for line in reversed(verifier):
-        if not re.match(r"^\d+: \(", line) and not line.startswith(";"):
-            return line[:300]
-    return ""
-
-
-@contextlib.contextmanager
-def _captured_stderr():
-    """BCC (C++) writes clang warnings and verifier logs straight to fd 2. Keep them out of
-    the agent's stderr (the 6.1-vs-6.18 header warnings mean nothing for the tracepoint
-    backend) but available for the error message; pass them through when debugging."""
-    if log.isEnabledFor(logging.DEBUG):
-        yield lambda: ""
-        return
-    import tempfile
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lambda: (tmp.seek(0), tmp.read().decode("utf-8", "replace"))[1]
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+NOTE_EVERY = 60.0   # seconds between log lines about the kernel's bookkeeping counters
 
 
 def read_proc_argv(pid: int) -> tuple[str, ...] | None:
@@ -261,147 +65,146 @@ class ConnInfo:
 
 
 class KernelSource:
-    """Common part of the two BCC backends: output channel, decoding, drops, process cache.
+    """Common part of the BCC backends on the agent's side: the loader's descriptors, the
+    event stream, decoding, drops, the process cache.
 
-    Subclasses set `name`, `program` (file in bpf/), `flow_tag`, and implement `_attach()`
-    (returns the number of probes attached) and optionally `_after_attach()`.
+    Subclasses set `name`, `flow_tag`, `tracks_fds`, `unavailable_reason()` and may extend
+    `handle_event`.
     """
     name = "kernel"
-    program = ""
     flow_tag = "k"
     tracks_fds = True   # events name (tgid, fd); the cgroup backend knows sockets only
 
     def __init__(self, config: "Config"):
         self.config = config
-        self.bpf = None
         self.probes = 0
         self.use_perf = not ringbuf_supported()
+        self.info: dict = {}             # what the loader found (backend facts)
+        self.bpf_needs = 0               # capability the kernel wants for map calls
+        self.load_seconds = 0.0
+        self.maps: dict[str, bpfsys.BpfMap] = {}
+        self._fds: List[int] = []
+        self._output = None
+        self._loader: LoaderProcess | None = None
         self._out = Batch()   # what the current poll has read
         self._conns: OrderedDict[int, ConnInfo] = OrderedDict()
         self._max_conns = max(1024, int(getattr(config, "max_flows", 65536)))
-        self._counters_seen = [0] * 4
+        self._counters_seen = [0] * CNT_SLOTS
         self._last_counter_read = 0.0
+        self._last_note = 0.0
         self._clock_offset = time.time() - time.monotonic()
         self.stats = {"events": 0, "connects": 0, "sends": 0, "recvs": 0, "closes": 0,
                       "resets": 0, "kernel_lost": 0, "argv_from_exec_cache": 0,
-                      "argv_from_proc": 0, "argv_unknown": 0, "proc_argv_gone_at_connect": 0}
+                      "argv_from_proc": 0, "argv_unknown": 0, "proc_argv_gone_at_connect": 0,
+                      "stale_fds_forgotten": 0, "exec_argv_truncated": 0}
 
     # ---- lifecycle ---------------------------------------------------------------------
+    def begin(self) -> None:
+        """Starts the loader (compiling takes a while: the caller may do other work)."""
+        if self._loader is None and self._output is None:
+            self._loader = LoaderProcess(self.name, spec_of(
+                self.config, use_perf=self.use_perf, keep_caps=caps.AGENT_KEEPS))
+
     def start(self) -> int:
-        if self.bpf is not None:  # open_source() returns a started source
+        """Waits for the loader's descriptors and opens the event stream: the number of
+        probes attached. Raises SourceError (then nothing is attached)."""
+        if self._output is not None:   # open_source() returns a started source
             return self.probes
-        self.bpf = load_bpf(self.program, self._cflags())
+        self.begin()
+        loader, self._loader = self._loader, None
+        manifest, self._fds = loader.receive()
         try:
-            self._fill_watched()
-            self.probes = self._attach()
-            if self.probes == 0:
-                raise SourceError(self._no_probe_message())
-            self._open_output()
-            self._clock_offset = time.time() - time.monotonic()
-            self._after_attach()
-        except SourceError:
+            self._open(manifest)
+        except (OSError, ValueError, KeyError) as exc:
             self.stop()
-            raise
-        except Exception as exc:
-            self.stop()
-            raise SourceError(f"{self.name} backend: {exc}; see imds-tracer doctor") from None
+            raise SourceError(f"{self.name} backend: the loader's descriptors are unusable: "
+                              f"{getattr(exc, 'strerror', None) or exc}; see imds-tracer "
+                              "doctor") from None
         return self.probes
 
+    def _open(self, manifest: dict) -> None:
+        self.probes = int(manifest["probes"])
+        self.info = manifest.get("info", {})
+        self.bpf_needs = int(manifest.get("bpf_needs", 0))
+        self.load_seconds = float(manifest.get("seconds", 0.0))
+        for name, m in manifest["maps"].items():
+            self.maps[name] = bpfsys.BpfMap(self._fds[m["fd"]], m["key_size"],
+                                            m["value_size"], m["max_entries"], m["type"])
+        output = manifest["output"]
+        if "ring" in output:
+            ring = output["ring"]
+            self._output = bpfsys.RingBufferReader(self._fds[ring["fd"]], ring["max_entries"])
+        else:
+            self._output = bpfsys.PerfBufferReader([self._fds[i] for i in output["perf"]],
+                                                   output["perf_pages"], self._on_perf_lost)
+        self._clock_offset = time.time() - time.monotonic()
+
+    @property
+    def keep_caps(self) -> int:
+        """The capabilities the running agent needs with this source (caps.AGENT_KEEPS)."""
+        return caps.AGENT_KEEPS | self.bpf_needs
+
     def stop(self) -> None:
-        bpf, self.bpf = self.bpf, None
-        if bpf is not None:
+        """Detaches: closing the last descriptor of each link or perf event removes it."""
+        if self._loader is not None:
+            loader, self._loader = self._loader, None
+            loader.cancel()
+        output, self._output = self._output, None
+        fds, self._fds = self._fds, []
+        self.maps = {}
+        if output is not None:
+            with contextlib.suppress(Exception):
+                output.close()
             log.info("%s backend stopped: %s", self.name,
                      " ".join(f"{k}={v}" for k, v in self.stats.items()))
-            with contextlib.suppress(Exception):
-                bpf.cleanup()
-
-    def _cflags(self) -> list[str]:
-        return compile_flags(self.config, use_perf=self.use_perf)
-
-    def _attach(self) -> int:
-        raise NotImplementedError
-
-    def _after_attach(self) -> None:
-        pass
-
-    def _attach_process_cache(self) -> int:
-        """The fork tracepoint (exec's are TRACEPOINT_PROBEs, attached by BCC at load)."""
-        try:
-            self.bpf.attach_tracepoint(tp=b"sched:sched_process_fork", fn_name=b"imds_on_fork")
-            return 1
-        except Exception as exc:
-            log.warning("sched:sched_process_fork not attached (%s): parents of processes "
-                        "that exit early will be unknown", exc)
-            return 0
-
-    def _no_probe_message(self) -> str:
-        return f"no {self.name} probe attached; see imds-tracer doctor"
-
-    def _fill_watched(self) -> None:
-        table = self.bpf[b"watched"]
-        for addr in self.config.addresses:
-            for port in self.config.ports:
-                key = table.Key()
-                ctypes.memmove(ctypes.byref(key), addr_key_bytes(addr), 16)
-                key.port = int(port)
-                table[key] = ctypes.c_uint8(1)
-
-    def _open_output(self) -> None:
-        events = self.bpf[b"events"]
-        if self.use_perf:
-            events.open_perf_buffer(self._on_perf_event, page_cnt=_next_pow2(self.config.perf_pages),
-                                    lost_cb=self._on_perf_lost)
-        else:
-            events.open_ring_buffer(self._on_ring_event)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # ---- reading -----------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> List[SourceItem]:
         """What the kernel sent since the last poll (see sources/base.py)."""
-        if self.bpf is None:
+        if self._output is None:
             return []
         self._out = out = Batch()
-        if self.use_perf:
-            self.bpf.perf_buffer_poll(timeout=int(timeout_ms))
-        else:
-            self.bpf.ring_buffer_poll(timeout=int(timeout_ms))
+        self._output.poll(int(timeout_ms), self._dispatch)
         now = time.monotonic()
         if now - self._last_counter_read >= 1.0:
             self._last_counter_read = now
-            self._report_counters()
+            self._report_counters(now)
         self._out = Batch()
         return out
 
-    def _on_ring_event(self, _ctx, data, size):
-        self._dispatch(ctypes.string_at(data, size))
-        return 0
-
-    def _on_perf_event(self, _cpu, data, size):
-        self._dispatch(ctypes.string_at(data, size))
-
-    def _on_perf_lost(self, lost):
+    def _on_perf_lost(self, lost: int) -> None:
         self.stats["kernel_lost"] += lost
         self._out.drop("kernel_lost", int(lost), "perf buffer full (raise capture.perf_pages)")
 
     def read_counters(self) -> list[int]:
-        """Sums of the kernel's per-CPU drop counters (see IMDS_CNT_* in bpf/event.h)."""
-        table = self.bpf[b"counters"]
-        out = []
-        for slot in range(4):
-            values = table[ctypes.c_int(slot)]
-            out.append(sum(int(v) for v in values))
-        return out
+        """Sums of the kernel's per-CPU counters (see IMDS_CNT_* in bpf/event.h)."""
+        table = self.maps["counters"]
+        return [table.lookup_percpu_u64(struct.pack("<i", slot)) for slot in range(CNT_SLOTS)]
 
-    def _report_counters(self) -> None:
+    def _report_counters(self, now: float) -> None:
         counts = self.read_counters()
-        delta = [now - seen for now, seen in zip(counts, self._counters_seen)]
+        delta = [new - seen for new, seen in zip(counts, self._counters_seen)]
         self._counters_seen = counts
         if delta[CNT_OUTPUT_FAILED] > 0:
             self.stats["kernel_lost"] += delta[CNT_OUTPUT_FAILED]
             self._out.drop("kernel_lost", delta[CNT_OUTPUT_FAILED],
-                          "ring buffer full (raise capture.perf_pages)")
+                           "ring buffer full (raise capture.perf_pages)")
         if delta[CNT_SENDS_TRUNCATED] > 0:
             self._out.drop("payload_truncated", delta[CNT_SENDS_TRUNCATED],
-                          f"sends longer than capture.max_payload={self.config.max_payload} bytes")
+                           f"sends longer than capture.max_payload={self.config.max_payload} bytes")
+        # bookkeeping, not loss: each record already says when its argv was cut
+        # (argv_truncated), and a stale fd is a connection the process can no longer use
+        self.stats["stale_fds_forgotten"] = counts[CNT_STALE_FD]
+        self.stats["exec_argv_truncated"] = counts[CNT_ARGV_TRUNCATED]
+        if (delta[CNT_STALE_FD] or delta[CNT_ARGV_TRUNCATED]) and now - self._last_note >= NOTE_EVERY:
+            self._last_note = now
+            log.info("%s backend: the kernel forgot %d tracked fd(s) of processes that exec'd "
+                     "or exited, and cut the argv of %d exec(s) to the cache's %d bytes (so "
+                     "far)", self.name, counts[CNT_STALE_FD], counts[CNT_ARGV_TRUNCATED],
+                     ARGV_BUF)
 
     def _dispatch(self, raw: bytes) -> None:
         if len(raw) < HEADER_SIZE:
@@ -523,91 +326,19 @@ class KernelSource:
     # ---- the kernel's process cache, for enrichment of exited processes ----------------
     def kernel_argv(self, pid: int) -> tuple[str, ...] | None:
         """argv the kernel saw at the process's last exec since the agent started, or None."""
-        if self.bpf is None:
+        table = self.maps.get("argv_cache")
+        raw = table.lookup(struct.pack("<I", pid)) if table is not None else None
+        if raw is None:
             return None
-        table = self.bpf[b"argv_cache"]
-        try:
-            value = table[table.Key(pid)]
-        except KeyError:
-            return None
-        raw = ctypes.string_at(ctypes.addressof(value.buf), min(int(value.len), ARGV_BUF))
-        return split_argv(raw) or None
+        length = min(struct.unpack_from("<I", raw, 0)[0], ARGV_BUF)
+        return split_argv(raw[8:8 + length]) or None   # struct imds_argv: len, argc, truncated
 
     def kernel_ppid(self, pid: int) -> int | None:
         """Parent at fork time, if the fork happened while the agent ran."""
-        if self.bpf is None:
-            return None
-        table = self.bpf[b"parent_of"]
-        try:
-            return int(table[table.Key(pid)].value)
-        except KeyError:
-            return None
+        table = self.maps.get("parent_of")
+        raw = table.lookup(struct.pack("<I", pid)) if table is not None else None
+        return struct.unpack_from("<I", raw, 0)[0] if raw is not None else None
 
     def lookup_process(self, pid: int) -> tuple[int | None, tuple[str, ...] | None]:
         """(ppid, argv) from the kernel caches: for processes that are gone from /proc."""
         return self.kernel_ppid(pid), self.kernel_argv(pid)
-
-
-def backend_classes() -> dict:
-    """name -> source class, in the order --backend auto tries them: by cost to the rest of
-    the machine. cgroup (socket hooks, nothing on the syscall path), kprobe (the TCP send
-    path only), tracepoint (every read and write of every process)."""
-    from .cgroup import CgroupSource
-    from .kprobe import KprobeSource
-    from .tracepoint import TracepointSource
-    return {cls.name: cls for cls in (CgroupSource, KprobeSource, TracepointSource)}
-
-
-class Selection(NamedTuple):
-    source: "KernelSource"
-    passed_over: List[str]   # "<backend>: <why it cannot run here>", in the order tried
-
-
-def candidates(backend_name: str) -> list:
-    """The source classes --backend NAME tries, in order. Raises SourceError."""
-    backends = backend_classes()
-    if backend_name == "auto":
-        return list(backends.values())
-    if backend_name in backends:
-        return [backends[backend_name]]
-    raise SourceError(f"unknown backend {backend_name!r} (use auto, {', '.join(backends)})")
-
-
-def select_backend(config: "Config", backend_name: str, *, load: bool = True) -> Selection:
-    """The started source for --backend auto|cgroup|kprobe|tracepoint, and why each backend
-    tried before it could not run. `run` and `doctor` both call this: what doctor says auto
-    would use is what run uses. With load=False, the first backend not ruled out by the
-    checks that need no compile (not started: a guess that loading may still refute).
-    Raises SourceError."""
-    passed_over = []
-    for cls in candidates(backend_name):
-        why_not = cls.unavailable_reason()
-        if why_not:
-            if backend_name != "auto":
-                raise SourceError(f"{cls.name} backend cannot run: {why_not}; "
-                                  "use --backend auto; see imds-tracer doctor")
-            passed_over.append(f"{cls.name}: {why_not}")
-            continue
-        source = cls(config)
-        if not load:
-            return Selection(source, passed_over)
-        try:
-            source.start()
-        except SourceError as exc:
-            if backend_name != "auto":
-                raise
-            passed_over.append(f"{cls.name}: {exc}")
-            continue
-        return Selection(source, passed_over)
-    raise SourceError("no backend could start (" + "; ".join(passed_over)
-                      + "); see imds-tracer doctor")
-
-
-def open_source(config: "Config", backend_name: str) -> "KernelSource":
-    """The started source; each backend `auto` passed over is logged in one line."""
-    source, passed_over = select_backend(config, backend_name)
-    for why in passed_over:
-        log.warning("backend auto: not %s", why)
-    if backend_name == "auto":
-        log.info("backend auto: using %s (%d probes)", source.name, source.probes)
-    return source

@@ -1,7 +1,7 @@
 """The kprobe backend: BCC kprobes on the TCP send/receive path (bpf/kprobe.c).
 
-Struct offsets come from the running kernel's BTF (`btf.kprobe_constants`), never from the
-headers BCC compiles against. Needs CONFIG_KPROBES (and kprobe events): the development
+Struct offsets come from the running kernel's BTF (`btf.kprobe_constants`, passed to the
+compile by the loader), never from the headers BCC compiles against. Needs CONFIG_KPROBES (and kprobe events): the development
 machines do not have it, so there it fails to start with a one-line reason, and `auto` falls
 back to the tracepoint backend.
 """
@@ -11,8 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from .base import SourceError
-from .btf import Btf, BtfError, VMLINUX_BTF, kprobe_constants
+from .btf import VMLINUX_BTF
 from .kernel import KernelSource
 
 log = logging.getLogger("imds_tracer")
@@ -42,13 +41,7 @@ def kernel_symbols(names, kallsyms: Path = Path("/proc/kallsyms")) -> set[str]:
 
 class KprobeSource(KernelSource):
     name = "kprobe"
-    program = "kprobe.c"
     flow_tag = "kp"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.send_function: str | None = None
-        self.constants: dict[str, int] | None = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -60,47 +53,7 @@ class KprobeSource(KernelSource):
             return f"none of {', '.join(SEND_FUNCTIONS)} in /proc/kallsyms"
         return None
 
-    def _cflags(self) -> list[str]:
-        try:
-            self.constants = kprobe_constants(Btf.load())
-        except BtfError as exc:
-            raise SourceError(f"kprobe backend: {exc}; use --backend cgroup or "
-                              "--backend tracepoint") from None
-        flags = super()._cflags()
-        flags += [f"-D{name}={value}" for name, value in sorted(self.constants.items())]
-        return flags
-
     def flow_key(self, ev):
         # one socket, whichever process sends on it; the pointer is reused only after the
         # TCP_CLOSE event closed the flow
         return (self.flow_tag, ev.conn_id)
-
-    def _no_probe_message(self) -> str:
-        return NO_KPROBES
-
-    def _attach(self) -> int:
-        existing = kernel_symbols(SEND_FUNCTIONS + (RECV_FUNCTION,))
-        attached = 0
-        for fn in SEND_FUNCTIONS:
-            if fn not in existing:
-                continue
-            try:
-                self.bpf.attach_kprobe(event=fn.encode(), fn_name=b"imds_tcp_sendmsg")
-            except Exception as exc:
-                log.info("kprobe on %s not attached: %s", fn, exc)
-                continue
-            self.send_function = fn
-            attached += 1
-            break
-        if not attached:
-            raise SourceError(NO_KPROBES)
-        if RECV_FUNCTION in existing:
-            try:
-                self.bpf.attach_kprobe(event=RECV_FUNCTION.encode(), fn_name=b"imds_tcp_recvmsg")
-                self.bpf.attach_kretprobe(event=RECV_FUNCTION.encode(),
-                                          fn_name=b"imds_tcp_recvmsg_ret")
-                attached += 2
-            except Exception as exc:
-                log.warning("response status unavailable: %s not probed (%s)", RECV_FUNCTION, exc)
-        self._attach_process_cache()
-        return attached + int(self.bpf.num_open_tracepoints())
