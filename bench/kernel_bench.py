@@ -11,8 +11,14 @@
   share logged; (2) open-loop steps of rising request rates (connect, send, close) to a
   draining listener in the namespace: the highest rate at which 100% is logged, and above it
   what was lost and whether it was counted (imds_tracer_lost_events_total);
-- start-up: seconds from exec to the `ready` line; RSS idle after --idle seconds and after a
-  flood.
+- start-up and memory, side by side in one run: this checkout's agent, the agent of
+  --before REF (default main, exported with `git archive`) and, where it can be run, the AWS
+  analyzer (aws-imds-packet-analyzer's imds_snoop.py, from a copy in
+  /var/cache/imds-tracer-lab/aws-analyzer; --aws-analyzer DIR): seconds from exec to ready
+  (one after the other), then RSS after --idle seconds and after a flood (all at once, the same
+  flood), the effective capabilities and whether libLLVM / libclang / libbcc are mapped; for
+  this checkout also where the loader's time went (interpreter, bcc import, compile flags,
+  compile + load, attach, hand-over).
 
 Latency, capacity and start-up run the backend of --backend (default cgroup, the one
 `--backend auto` picks where it can run).
@@ -33,6 +39,7 @@ import platform
 import resource
 import secrets
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -56,13 +63,13 @@ BACKENDS = ("auto", "cgroup", "kprobe", "tracepoint")
 
 
 @contextlib.contextmanager
-def running_agent(tmp: Path, config: str = "", backend: str | None = None
-                  ) -> Iterator[AgentProcess]:
+def running_agent(tmp: Path, config: str = "", backend: str | None = None,
+                  cwd: Path = REPO) -> Iterator[AgentProcess]:
     """The agent (also capturing DRAIN_PORT) while the block runs: 120 s to get ready (else
     the bench stops with its stderr), then 0.5 s to settle; SIGTERM afterwards (killed after
     30 s)."""
     agent = AgentProcess(tmp, config=f"[capture]\nports = [80, {DRAIN_PORT}]\n{config}",
-                         python=PYTHON, backend=backend or BACKEND)
+                         python=PYTHON, backend=backend or BACKEND, cwd=cwd)
     try:
         agent.start(timeout=120)
     except AssertionError as exc:
@@ -429,28 +436,107 @@ def capacity(lab, tmp: Path, clients: int, rates: list[int], seconds: float) -> 
     return out
 
 
-def startup_and_memory(lab, tmp: Path, idle: float) -> dict:
-    with running_agent(tmp / "mem") as agent:
-        ready = agent.ready_seconds
-        rss_ready = agent.rss_mib()
+AWS_ANALYZER = Path("/var/cache/imds-tracer-lab/aws-analyzer/src")
+MAPPED_COMPILERS = ("libLLVM", "libclang", "libbcc")
+
+
+def process_facts(pid: int) -> dict:
+    """RSS, effective capabilities (of every thread) and compiler libraries mapped."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    field = lambda name: next(line.split()[1] for line in status.splitlines()  # noqa: E731
+                              if line.startswith(name + ":"))
+    threads = sorted({Path(f"/proc/{pid}/task/{t}/status").read_text().split("CapEff:")[1]
+                      .split()[0] for t in os.listdir(f"/proc/{pid}/task")})
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {"rss_mib": round(int(field("VmRSS")) / 1024, 1), "cap_eff": field("CapEff"),
+            "cap_eff_threads": threads,
+            "compiler_libs_mapped": sorted({lib for lib in MAPPED_COMPILERS if lib in maps})}
+
+
+@contextlib.contextmanager
+def aws_analyzer(where: Path) -> Iterator[dict]:
+    """The AWS analyzer (imds_snoop.py, BCC kprobes on sock_sendmsg, Python 3 with BCC) in a
+    private mount namespace whose /var/log is a tmpfs (it writes /var/log/imds), while the
+    block runs: {"pid", "ready_seconds"} or {"error"}. On a kernel without kprobes it attaches
+    nothing (it logs that and keeps running): its start-up and memory are still its own."""
+    if not (where / "imds_snoop.py").is_file():
+        yield {"error": f"not found: {where}/imds_snoop.py (git archive of "
+                        "github.com/aws/aws-imds-packet-analyzer's src/)"}
+        return
+    started = time.monotonic()
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             "mount -t tmpfs none /var/log && exec /usr/bin/python3 -u "
+                             "imds_snoop.py"], cwd=where, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = {"pid": proc.pid}
+    try:
+        for line in proc.stdout:
+            if "Starting ImdsPacketAnalyzer" in line:
+                out["ready_seconds"] = round(time.monotonic() - started, 2)
+                break
+        else:
+            out["error"] = f"exited with {proc.wait()} before it was ready"
+        yield out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def export_ref(ref: str, into: Path) -> Path:
+    """`git archive REF` of this repository unpacked into `into` (an agent runs from it)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def startup_and_memory(lab, tmp: Path, idle: float, before: str,
+                       analyzer: Path = AWS_ANALYZER) -> dict:
+    runs = {"after": REPO, f"before ({before})": export_ref(before, tmp / "before")}
+    out: dict = {}
+    with contextlib.ExitStack() as stack:
+        agents = {}
+        for label, cwd in runs.items():   # one after the other: ready times not contended
+            agent = stack.enter_context(running_agent(tmp / f"mem-{label[:6]}", cwd=cwd))
+            agents[label] = agent.proc.pid
+            loaded = [line for line in agent.stderr().splitlines() if "loaded in" in line]
+            out[label] = {"ready_seconds": round(agent.ready_seconds, 2),
+                          "at_ready": process_facts(agent.proc.pid)}
+            if loaded:
+                out[label]["loader"] = loaded[0].split("INFO: ", 1)[-1]
+        aws = stack.enter_context(aws_analyzer(analyzer))
+        if "error" in aws:
+            out["aws_analyzer"] = {"error": aws["error"]}
+        else:
+            agents["aws_analyzer"] = aws["pid"]
+            out["aws_analyzer"] = {"ready_seconds": aws["ready_seconds"],
+                                   "at_ready": process_facts(aws["pid"]),
+                                   "note": "kprobes on sock_sendmsg: attaches nothing on a "
+                                           "kernel without CONFIG_KPROBES, sees no request"}
         time.sleep(idle)
-        rss_idle = agent.rss_mib()
+        for label, pid in agents.items():
+            out[label]["idle"] = process_facts(pid)
+        out["idle_seconds"] = idle
         marker = "mem-flood-" + secrets.token_hex(3)
         server = lab.popen([PYTHON, "-c", DRAIN_SERVER], stdout=subprocess.PIPE, text=True)
         try:
             assert server.stdout.readline().strip() == "READY"
             procs = [lab.popen([PYTHON, "-c", OPEN_LOOP, "3000", "10", f"{marker}-{i}"],
                                stdout=subprocess.PIPE, text=True) for i in range(2)]
-            sent = sum(int(p.communicate(timeout=180)[0].split()[0]) for p in procs)
+            out["flood_requests"] = sum(int(p.communicate(timeout=180)[0].split()[0])
+                                        for p in procs)
         finally:
             server.kill()
             server.wait()
         time.sleep(5)
-        rss_flood = agent.rss_mib()
-        return {"ready_seconds": round(ready, 2), "rss_mib_at_ready": rss_ready,
-                "idle_seconds": idle, "rss_mib_idle": rss_idle,
-                "flood_requests": sent, "rss_mib_after_flood": rss_flood,
-                "logged_of_flood": agent.count(marker)}
+        for label, pid in agents.items():
+            out[label]["after_flood"] = process_facts(pid)
+    return out
 
 
 def main(argv=None) -> int:
@@ -462,6 +548,10 @@ def main(argv=None) -> int:
                         action="append")
     parser.add_argument("--backend", choices=BACKENDS, default="cgroup",
                         help="backend for latency, capacity and start-up (default cgroup)")
+    parser.add_argument("--before", default="main",
+                        help="git ref whose agent start-up and memory are shown beside this one's")
+    parser.add_argument("--aws-analyzer", type=Path, default=AWS_ANALYZER,
+                        help="directory holding the AWS analyzer's imds_snoop.py and bpf.c")
     parser.add_argument("--bracket", action="store_true",
                         help="overhead of --backend only, with one agent start (qemu guests)")
     args = parser.parse_args(argv)
@@ -503,7 +593,7 @@ def main(argv=None) -> int:
                         rates=[250, 1000] if quick else [250, 500, 1000, 2000, 4000, 8000])
                 if "startup" in only:
                     result["startup_memory"] = startup_and_memory(
-                        lab, tmp, 5 if quick else args.idle)
+                        lab, tmp, 5 if quick else args.idle, args.before, args.aws_analyzer)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result))

@@ -36,6 +36,22 @@ class BtfType:
     extra: tuple   # members (name, type_id, bit_offset) / enum values (name, value) / array
 
 
+class _Types:
+    """Type id -> BtfType (id 0 is void: None), decoded on first use."""
+
+    def __init__(self, btf: "Btf"):
+        self._btf = btf
+
+    def __getitem__(self, type_id: int) -> BtfType | None:
+        cache = self._btf._decoded
+        if type_id not in cache:
+            cache[type_id] = self._btf._decode(type_id)
+        return cache[type_id]
+
+    def __len__(self) -> int:
+        return len(self._btf._records)
+
+
 class Btf:
     def __init__(self, data: bytes):
         if len(data) < 24:
@@ -45,8 +61,7 @@ class Btf:
             raise BtfError("not BTF (bad magic; big-endian BTF is not supported)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         self._strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self.types: list[BtfType | None] = [None]   # type id 0 is void
-        self._by_name: dict[tuple[int, str], list[int]] = {}
+        self._by_name: dict[tuple[int, int], list[int]] = {}   # (kind, name offset) -> ids
         self._parse(data[hdr_len + type_off:hdr_len + type_off + type_len])
 
     @classmethod
@@ -62,58 +77,71 @@ class Btf:
         return self._strings[off:end].decode("ascii", "replace")
 
     def _parse(self, buf: bytes) -> None:
+        """One pass that only records where each type is (vlinux holds >100k of them);
+        members and enum values are decoded when a query reaches that type."""
+        self._buf = buf
+        self._records: list = [None]   # type id -> (kind, name_off, size_or_type, vlen, flag, pos)
+        self._decoded: dict = {}
+        by_name = self._by_name
+        record = self._records.append
+        unpack = struct.unpack_from
+        fixed = {INT: 4, VAR: 4, DECL_TAG: 4, ARRAY: 12}
+        per_member = {STRUCT: 12, UNION: 12, ENUM: 8, ENUM64: 12, FUNC_PROTO: 8, DATASEC: 12}
+        plain = {PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG}
         pos = 0
         n = len(buf)
         while pos + 12 <= n:
-            name_off, info, size_or_type = struct.unpack_from("<III", buf, pos)
+            name_off, info, size_or_type = unpack("<III", buf, pos)
             pos += 12
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
-            kind_flag = bool(info >> 31)
-            extra: tuple = ()
-            if kind == INT or kind == VAR or kind == DECL_TAG:
-                pos += 4
-            elif kind == ARRAY:
-                extra = struct.unpack_from("<III", buf, pos)  # type, index_type, nelems
-                pos += 12
-            elif kind in (STRUCT, UNION):
-                members = []
-                for i in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", buf, pos + 12 * i)
-                    bit_off = m_off & 0xFFFFFF if kind_flag else m_off
-                    members.append((self._str(m_name), m_type, bit_off))
-                extra = tuple(members)
-                pos += 12 * vlen
-            elif kind == ENUM:
-                values = []
-                for i in range(vlen):
-                    e_name, e_val = struct.unpack_from("<Ii", buf, pos + 8 * i)
-                    values.append((self._str(e_name), e_val))
-                extra = tuple(values)
-                pos += 8 * vlen
-            elif kind == ENUM64:
-                values = []
-                for i in range(vlen):
-                    e_name, lo, hi = struct.unpack_from("<III", buf, pos + 12 * i)
-                    values.append((self._str(e_name), (hi << 32) | lo))
-                extra = tuple(values)
-                pos += 12 * vlen
-            elif kind == FUNC_PROTO:
-                pos += 8 * vlen
-            elif kind == DATASEC:
-                pos += 12 * vlen
-            elif kind in (PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG):
-                pass
-            else:
-                raise BtfError(f"unknown BTF kind {kind} at type {len(self.types)}")
-            t = BtfType(kind, self._str(name_off), size_or_type, vlen, kind_flag, extra)
-            if t.name:
-                self._by_name.setdefault((kind, t.name), []).append(len(self.types))
-            self.types.append(t)
+            if name_off:
+                by_name.setdefault((kind, name_off), []).append(len(self._records))
+            record((kind, name_off, size_or_type, vlen, bool(info >> 31), pos))
+            if kind in fixed:
+                pos += fixed[kind]
+            elif kind in per_member:
+                pos += per_member[kind] * vlen
+            elif kind not in plain:
+                raise BtfError(f"unknown BTF kind {kind} at type {len(self._records) - 1}")
+        self.types = _Types(self)
+
+    def _decode(self, type_id: int) -> BtfType | None:
+        rec = self._records[type_id]
+        if rec is None:
+            return None
+        kind, name_off, size_or_type, vlen, kind_flag, pos = rec
+        buf = self._buf
+        extra: tuple = ()
+        if kind == ARRAY:
+            extra = struct.unpack_from("<III", buf, pos)  # type, index_type, nelems
+        elif kind in (STRUCT, UNION):
+            members = []
+            for i in range(vlen):
+                m_name, m_type, m_off = struct.unpack_from("<III", buf, pos + 12 * i)
+                bit_off = m_off & 0xFFFFFF if kind_flag else m_off
+                members.append((self._str(m_name), m_type, bit_off))
+            extra = tuple(members)
+        elif kind == ENUM:
+            extra = tuple((self._str(e_name), e_val) for e_name, e_val in
+                          (struct.unpack_from("<Ii", buf, pos + 8 * i) for i in range(vlen)))
+        elif kind == ENUM64:
+            extra = tuple((self._str(e_name), (hi << 32) | lo) for e_name, lo, hi in
+                          (struct.unpack_from("<III", buf, pos + 12 * i) for i in range(vlen)))
+        return BtfType(kind, self._str(name_off), size_or_type, vlen, kind_flag, extra)
+
+    def _ids(self, kind: int, name: str) -> list:
+        wanted = b"\0" + name.encode() + b"\0"
+        out: list = []
+        at = self._strings.find(wanted)
+        while at >= 0:
+            out += self._by_name.get((kind, at + 1), [])
+            at = self._strings.find(wanted, at + 1)
+        return sorted(out)
 
     # ---- queries --------------------------------------------------------------------------
     def find(self, kind: int, name: str) -> BtfType:
-        ids = self._by_name.get((kind, name))
+        ids = self._ids(kind, name)
         if not ids:
             raise BtfError(f"type {name!r} not in this kernel's BTF")
         # a complete definition (FWD declarations are another kind anyway)
@@ -183,7 +211,7 @@ class Btf:
     def enum_values(self, enum_name: str) -> tuple:
         """((name, value), ...) of `enum enum_name`. Raises BtfError."""
         for kind in (ENUM, ENUM64):
-            for tid in self._by_name.get((kind, enum_name), ()):
+            for tid in self._ids(kind, enum_name):
                 return self.types[tid].extra
         raise BtfError(f"enum {enum_name} not in this kernel's BTF")
 

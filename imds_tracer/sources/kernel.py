@@ -82,6 +82,7 @@ class KernelSource:
         self.info: dict = {}             # what the loader found (backend facts)
         self.bpf_needs = 0               # capability the kernel wants for map calls
         self.load_seconds = 0.0
+        self.load_phases: dict = {}      # seconds per loader step (loader.phases)
         self.maps: dict[str, bpfsys.BpfMap] = {}
         self._fds: List[int] = []
         self._output = None
@@ -127,6 +128,7 @@ class KernelSource:
         self.info = manifest.get("info", {})
         self.bpf_needs = int(manifest.get("bpf_needs", 0))
         self.load_seconds = float(manifest.get("seconds", 0.0))
+        self.load_phases = manifest.get("phases", {})
         for name, m in manifest["maps"].items():
             self.maps[name] = bpfsys.BpfMap(self._fds[m["fd"]], m["key_size"],
                                             m["value_size"], m["max_entries"], m["type"])

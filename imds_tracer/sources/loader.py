@@ -12,6 +12,10 @@ its own descriptors close with it and nothing stays attached; the agent gets one
 """
 from __future__ import annotations
 
+import time
+
+_STARTED = time.monotonic()   # the loader's interpreter is up (see Job.marks)
+
 import contextlib
 import ctypes
 import json
@@ -24,7 +28,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import List, NamedTuple
 
@@ -94,6 +97,7 @@ class LoaderProcess:
             for level, text in manifest.get("log", ()):
                 log.log(level, "%s", text)
             manifest["seconds"] = time.monotonic() - self.started
+            manifest["phases"] = phases(self.started, manifest.get("marks", {}))
         if manifest is None or "error" in manifest:
             for fd in fds:
                 os.close(fd)
@@ -114,6 +118,23 @@ class LoaderProcess:
             self._proc.kill()
         with contextlib.suppress(OSError, ValueError):
             self.receive()
+
+
+PHASES = ("interpreter", "bcc_imported", "flags", "compiled", "attached")
+
+
+def phases(started: float, marks: dict) -> dict:
+    """Seconds per loader step: interpreter (exec to the loader's first line), bcc_imported,
+    flags (BTF, helper probes), compiled (clang + LLVM + the verifier for what BCC loads
+    itself), attached (the rest of the loads, links, perf events), handover (fds sent and
+    received)."""
+    out, last = {}, started
+    for step in PHASES:
+        if step in marks:
+            out[step] = round(marks[step] - last, 3)
+            last = marks[step]
+    out["handover"] = round(time.monotonic() - last, 3)
+    return out
 
 
 def load(backend: str, spec: dict) -> Loaded:
@@ -279,6 +300,11 @@ class Job:
         self.links: List[int] = []     # indices into fds: attachments the agent keeps
         self.info: dict = {}           # backend facts for the agent (stats, log context)
         self.cleanups: list = []       # undone if the load fails
+        # CLOCK_MONOTONIC (system-wide) at each step, for where start-up time goes
+        self.marks: dict = {"interpreter": _STARTED}
+
+    def mark(self, step: str) -> None:
+        self.marks[step] = time.monotonic()
 
     def keep(self, fd: int) -> int:
         self.fds.append(fd)
@@ -585,15 +611,22 @@ def _bpf_needs(job: Job) -> int:
 
 def _load(job: Job) -> dict:
     program, cflags, attach, extra_maps = BACKENDS[job.spec["backend"]]
-    job.bpf = load_bpf(program, compile_flags(job.spec) + cflags(job))
+    import_bcc()
+    job.mark("bcc_imported")
+    flags = compile_flags(job.spec) + cflags(job)
+    job.mark("flags")
+    job.bpf = load_bpf(program, flags)
+    job.mark("compiled")
     _fill_watched(job)
     output = _open_output(job)
     probes = attach(job)
     job.links += [job.keep(fd) for fd in _attachment_fds(job.bpf)]
     maps = {name: _map_entry(job, job.bpf[name.encode()])
             for name in AGENT_MAPS + tuple(extra_maps)}
+    job.mark("attached")
     return {"backend": job.spec["backend"], "probes": probes, "output": output, "maps": maps,
-            "links": job.links, "info": job.info, "bpf_needs": _bpf_needs(job)}
+            "links": job.links, "info": job.info, "bpf_needs": _bpf_needs(job),
+            "marks": job.marks}
 
 
 class _Collect(logging.Handler):

@@ -98,6 +98,7 @@ def open_source(config: "Config", backend_name: str, *,
         source.stop()
         raise SourceError(f"dropping capabilities after the load failed: {exc.strerror}") \
             from None
-    log.info("loaded in %.2fs; capabilities kept: %s", source.load_seconds,
+    log.info("loaded in %.2fs (%s); capabilities kept: %s", source.load_seconds,
+             " ".join(f"{k}={v}" for k, v in source.load_phases.items()),
              ", ".join(caps.names(kept)) or "none")
     return source
