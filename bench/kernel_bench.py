@@ -448,7 +448,10 @@ def process_facts(pid: int) -> dict:
     threads = sorted({Path(f"/proc/{pid}/task/{t}/status").read_text().split("CapEff:")[1]
                       .split()[0] for t in os.listdir(f"/proc/{pid}/task")})
     maps = Path(f"/proc/{pid}/maps").read_text()
-    return {"rss_mib": round(int(field("VmRSS")) / 1024, 1), "cap_eff": field("CapEff"),
+    return {"rss_mib": round(int(field("VmRSS")) / 1024, 1),
+            "rss_anon_file_shmem_mib": [round(int(field(f)) / 1024, 1)
+                                        for f in ("RssAnon", "RssFile", "RssShmem")],
+            "cap_eff": field("CapEff"),
             "cap_eff_threads": threads,
             "compiler_libs_mapped": sorted({lib for lib in MAPPED_COMPILERS if lib in maps})}
 

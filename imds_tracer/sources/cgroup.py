@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from . import bpfsys, caps, helpers
+from ..model import FlowClosed
 from .events import EV_PACKET, F_OWNER_GUESSED, EventHeader
 from .helpers import ringbuf_supported
 from .kernel import KernelSource
@@ -246,5 +247,11 @@ class CgroupSource(KernelSource):
             else:
                 self._conns.move_to_end(ev.conn_id)
             process = self._snapshot(ev, info)
+        before = len(self._out)
         self.demux.ip_packet(payload, 0, version, self.wall_time(ev.ts_ns), self._out,
                              scope=ev.conn_id, process=process)
+        # a socket carries one connection: once the decoder closed it, its process facts go
+        # too (this backend has no close event; without this they stayed until evicted)
+        for item in self._out[before:]:
+            if isinstance(item, FlowClosed) and item.flow[0] == ev.conn_id:
+                self._conns.pop(ev.conn_id, None)
