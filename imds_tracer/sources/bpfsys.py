@@ -52,6 +52,23 @@ def bpf(cmd: int, attr: ctypes.Structure) -> int:
     return ret
 
 
+OBJ_GET_INFO_BY_FD = 15
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64)]
+
+
+def map_info(fd: int) -> dict:
+    """type, id, key_size, value_size, max_entries of a map, as the kernel has them
+    (struct bpf_map_info)."""
+    info = ctypes.create_string_buffer(80)
+    bpf(OBJ_GET_INFO_BY_FD, _InfoAttr(fd, 80, ctypes.addressof(info)))
+    names = ("type", "id", "key_size", "value_size", "max_entries")
+    return dict(zip(names, struct.unpack_from("<5I", info.raw, 0)))
+
+
 def possible_cpus() -> int:
     return _cpu_count("possible")
 

@@ -300,6 +300,7 @@ class Job:
         self.links: List[int] = []     # indices into fds: attachments the agent keeps
         self.info: dict = {}           # backend facts for the agent (stats, log context)
         self.cleanups: list = []       # undone if the load fails
+        self.manifest: dict = {}
         # CLOCK_MONOTONIC (system-wide) at each step, for where start-up time goes
         self.marks: dict = {"interpreter": _STARTED}
 
@@ -568,9 +569,12 @@ def _open_output(job: Job) -> dict:
 
 
 def _map_entry(job: Job, table) -> dict:
-    return {"fd": job.keep(os.dup(table.map_fd)), "key_size": ctypes.sizeof(table.Key),
-            "value_size": ctypes.sizeof(table.Leaf), "max_entries": int(table.max_entries),
-            "type": int(table.ttype)}
+    """The map's fd for the agent and its sizes as the kernel has them (BCC's ctypes Leaf of
+    a per-CPU map is the array over CPUs, not the value)."""
+    info = bpfsys.map_info(table.map_fd)
+    return {"fd": job.keep(os.dup(table.map_fd)), "key_size": info["key_size"],
+            "value_size": info["value_size"], "max_entries": info["max_entries"],
+            "type": info["type"]}
 
 
 def _attachment_fds(bpf) -> List[int]:
@@ -589,8 +593,9 @@ def _bpf_needs(job: Job) -> int:
     where `kernel.unprivileged_bpf_disabled` applies to every bpf() command. Found by trying
     with the agent's set as this process's effective set (permitted stays: restored after)."""
     counters = job.bpf[b"counters"]
-    probe = bpfsys.BpfMap(counters.map_fd, 4, ctypes.sizeof(counters.Leaf),
-                          counters.max_entries, int(counters.ttype))
+    info = bpfsys.map_info(counters.map_fd)
+    probe = bpfsys.BpfMap(counters.map_fd, info["key_size"], info["value_size"],
+                          info["max_entries"], info["type"])
     keep = int(job.spec.get("keep_caps", 0))
     before = caps.effective_caps()
     try:
@@ -620,7 +625,7 @@ def _load(job: Job) -> dict:
     _fill_watched(job)
     output = _open_output(job)
     probes = attach(job)
-    job.links += [job.keep(fd) for fd in _attachment_fds(job.bpf)]
+    job.links += [job.keep(os.dup(fd)) for fd in _attachment_fds(job.bpf)]
     maps = {name: _map_entry(job, job.bpf[name.encode()])
             for name in AGENT_MAPS + tuple(extra_maps)}
     job.mark("attached")
@@ -638,28 +643,36 @@ class _Collect(logging.Handler):
         self.records.append((record.levelno, record.getMessage()))
 
 
+def load_here(spec: dict) -> Job:
+    """The load itself, in this process: `job.manifest` (with "error" when it failed; then
+    what it had mounted is undone) and `job.fds`. The loader's main runs it; tests run it
+    in-process to stand in for other BCC versions and kernels."""
+    job = Job(spec)
+    helpers.raise_memlock()
+    try:
+        job.manifest = _load(job)
+    except SourceError as exc:
+        job.manifest = {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        job.manifest = {"error": f"{spec.get('backend')} backend: {exc}; see imds-tracer doctor"}
+    if "error" in job.manifest:
+        for undo in job.cleanups:
+            with contextlib.suppress(OSError):
+                undo()
+        job.fds = []
+    return job
+
+
 def main(argv: List[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
     collect = _Collect()
     log.addHandler(collect)
     log.setLevel(logging.DEBUG if os.environ.get("IMDS_TRACER_DEBUG") else logging.INFO)
     log.propagate = False
-    job = Job(json.loads(argv[1]))
-    helpers.raise_memlock()
+    job = load_here(json.loads(argv[1]))
+    job.manifest["log"] = collect.records
     try:
-        manifest = _load(job)
-    except SourceError as exc:
-        manifest = {"error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
-        manifest = {"error": f"{job.spec.get('backend')} backend: {exc}; see imds-tracer doctor"}
-    if "error" in manifest:
-        for undo in job.cleanups:
-            with contextlib.suppress(OSError):
-                undo()
-        job.fds = []
-    manifest["log"] = collect.records
-    try:
-        _send(sock, manifest, job.fds)
+        _send(sock, job.manifest, job.fds)
     finally:
         # no BCC clean-up (it would detach what the agent now holds), no destructors
         os._exit(0)

@@ -83,17 +83,19 @@ def select_backend(config: "Config", backend_name: str, *, load: bool = True,
 
 
 def open_source(config: "Config", backend_name: str, *,
-                while_loading: Optional[Callable[[], None]] = None) -> "KernelSource":
+                while_loading: Optional[Callable[[], None]] = None,
+                drop_privileges: bool = True) -> "KernelSource":
     """The started source for `run`; each backend `auto` passed over is logged in one line.
     Once the descriptors are in hand, this process keeps only the capabilities the running
-    agent needs (caps.AGENT_KEEPS, plus what the kernel wants for bpf() map calls)."""
+    agent needs (caps.AGENT_KEEPS, plus what the kernel wants for bpf() map calls; threads
+    already running keep theirs: start them after this call)."""
     source, passed_over = select_backend(config, backend_name, while_loading=while_loading)
     for why in passed_over:
         log.warning("backend auto: not %s", why)
     if backend_name == "auto":
         log.info("backend auto: using %s (%d probes)", source.name, source.probes)
     try:
-        kept = caps.drop_to(source.keep_caps)
+        kept = caps.drop_to(source.keep_caps) if drop_privileges else caps.effective_caps()
     except OSError as exc:
         source.stop()
         raise SourceError(f"dropping capabilities after the load failed: {exc.strerror}") \

@@ -118,3 +118,26 @@ def run_client(lab, argv, cgroup=None, timeout=30, env=None):
     assert proc.returncode == 0, f"{argv}: {err}"
     proc.output = out
     return proc
+
+
+def map_ids(source) -> set[int]:
+    """Kernel ids of the BPF maps a started kernel source holds."""
+    from imds_tracer.sources import bpfsys
+    return {bpfsys.map_info(table.fd)["id"] for table in source.maps.values()}
+
+
+def live_map_ids() -> set[int]:
+    """Ids of every BPF map alive in the kernel (bpftool). A program that is still attached
+    keeps its maps alive: maps gone means programs gone."""
+    import json
+    out = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {m["id"] for m in json.loads(out or "[]")}
+
+
+def wait_maps_gone(ids: set[int], seconds: float = 5.0) -> None:
+    import time
+    deadline = time.monotonic() + seconds
+    while ids & live_map_ids():
+        assert time.monotonic() < deadline, f"still alive: maps {sorted(ids & live_map_ids())}"
+        time.sleep(0.1)

@@ -13,12 +13,17 @@ from imds_tracer.sources.base import SourceError
 PROGRAMS = ("imds_tcp_sendmsg", "imds_tcp_recvmsg", "imds_tcp_recvmsg_ret")
 
 
+def kprobe_flags(config: Config) -> list[str]:
+    """What the loader compiles kprobe.c with (BTF offsets included)."""
+    from imds_tracer.sources import loader
+    spec = dict(loader.spec_of(config, use_perf=False, keep_caps=0), backend="kprobe")
+    return loader.compile_flags(spec) + loader._kprobe_cflags(loader.Job(spec))
+
+
 def test_kprobe_programs_pass_the_verifier():
     from bcc import BPF
-    from imds_tracer.sources.kernel import load_bpf
-    from imds_tracer.sources.kprobe import KprobeSource
-    src = KprobeSource(Config())
-    flags = src._cflags()
+    from imds_tracer.sources.loader import load_bpf
+    flags = kprobe_flags(Config())
     assert any(f.startswith("-DIMDS_OFF_ITER_UBUF=") for f in flags)
     bpf = load_bpf("kprobe.c", flags)
     try:
@@ -32,9 +37,8 @@ def test_kprobe_programs_pass_the_verifier():
 @pytest.mark.parametrize("max_payload", [256, 4096, 16384])
 def test_kprobe_program_loads_with_every_payload_size(max_payload):
     from bcc import BPF
-    from imds_tracer.sources.kernel import load_bpf
-    from imds_tracer.sources.kprobe import KprobeSource
-    bpf = load_bpf("kprobe.c", KprobeSource(Config(max_payload=max_payload))._cflags())
+    from imds_tracer.sources.loader import load_bpf
+    bpf = load_bpf("kprobe.c", kprobe_flags(Config(max_payload=max_payload)))
     try:
         bpf.load_func(b"imds_tcp_sendmsg", BPF.KPROBE)
     finally:
@@ -42,9 +46,9 @@ def test_kprobe_program_loads_with_every_payload_size(max_payload):
 
 
 def test_kprobe_program_refuses_to_compile_without_btf_offsets():
-    from imds_tracer.sources.kernel import compile_flags, load_bpf
+    from imds_tracer.sources.loader import compile_flags, load_bpf, spec_of
     with pytest.raises(SourceError):
-        load_bpf("kprobe.c", compile_flags(Config()))
+        load_bpf("kprobe.c", compile_flags(spec_of(Config(), use_perf=False, keep_caps=0)))
 
 
 def test_start_without_kprobes_is_a_one_line_error():
@@ -57,13 +61,13 @@ def test_start_without_kprobes_is_a_one_line_error():
     message = str(info.value)
     assert "\n" not in message
     assert "--backend tracepoint" in message and "doctor" in message
-    assert src.bpf is None   # nothing left loaded
+    assert src.maps == {} and src._fds == []   # nothing handed over, nothing left loaded
 
 
 def test_auto_prefers_the_cgroup_backend(caplog):
-    from imds_tracer.sources.kernel import open_source
+    from imds_tracer.sources.select import open_source
     caplog.set_level(logging.INFO, logger="imds_tracer")
-    src = open_source(Config(), "auto")
+    src = open_source(Config(), "auto", drop_privileges=False)
     try:
         assert src.name == "cgroup"
         assert "using cgroup" in caplog.text
@@ -73,12 +77,12 @@ def test_auto_prefers_the_cgroup_backend(caplog):
 
 def test_auto_falls_back_to_tracepoint(caplog, monkeypatch):
     from imds_tracer.sources.cgroup import CgroupSource
-    from imds_tracer.sources.kernel import open_source
+    from imds_tracer.sources.select import open_source
     from imds_tracer.sources.kprobe import KprobeSource
     caplog.set_level(logging.INFO, logger="imds_tracer")
     # as on a machine without a cgroup v2 hierarchy
     monkeypatch.setattr(CgroupSource, "unavailable_reason", classmethod(lambda cls: "no v2"))
-    src = open_source(Config(), "auto")
+    src = open_source(Config(), "auto", drop_privileges=False)
     try:
         expected = "kprobe" if KprobeSource.unavailable_reason() is None else "tracepoint"
         assert src.name == expected
@@ -89,9 +93,9 @@ def test_auto_falls_back_to_tracepoint(caplog, monkeypatch):
 
 
 def test_explicit_kprobe_backend_does_not_fall_back():
-    from imds_tracer.sources.kernel import open_source
+    from imds_tracer.sources.select import open_source
     from imds_tracer.sources.kprobe import KprobeSource
     if KprobeSource.unavailable_reason() is None:
         pytest.skip("this kernel has kprobes")
     with pytest.raises(SourceError, match="kprobe"):
-        open_source(Config(), "kprobe")
+        open_source(Config(), "kprobe", drop_privileges=False)

@@ -1,4 +1,5 @@
-"""The ctypes mirror in imds_tracer/sources/kernel.py must match struct imds_event in bpf/event.h.
+"""The event layout in imds_tracer/sources/events.py must match bpf/event.h: the ctypes mirror of
+struct imds_event, and every IMDS_EV_ / IMDS_F_ / IMDS_CNT_ constant.
 
 Two independent readings of the header: a C compiler (offsetof/sizeof, when gcc or cc is
 installed) and a small parser of the header's fixed-width fields (always). Needs no BCC.
@@ -10,7 +11,7 @@ import subprocess
 
 import pytest
 
-from imds_tracer.sources import kernel
+from imds_tracer.sources import events as kernel
 
 HEADER = kernel.BPF_DIR / "event.h"
 C_SIZES = {"__u8": 1, "char": 1, "__u16": 2, "__u32": 4, "__u64": 8}
@@ -75,24 +76,28 @@ def test_mirror_matches_c_compiler(tmp_path):
 
 
 def test_constants_match_header():
+    """Every IMDS_EV_*, IMDS_F_*, IMDS_CNT_* of the header has its twin in events.py (EV_*,
+    F_*, CNT_*) with the same value, and events.py has no constant the header lacks."""
     text = HEADER.read_text()
-    defines = dict(re.findall(r"#define (IMDS_\w+) (0x[0-9a-f]+|\d+)", text))
-    assert int(defines["IMDS_EV_CONNECT"]) == kernel.EV_CONNECT
-    assert int(defines["IMDS_EV_SEND"]) == kernel.EV_SEND
-    assert int(defines["IMDS_EV_RECV"]) == kernel.EV_RECV
-    assert int(defines["IMDS_EV_CLOSE"]) == kernel.EV_CLOSE
-    assert int(defines["IMDS_EV_TGID_RESET"]) == kernel.EV_TGID_RESET
-    assert int(defines["IMDS_F_NO_ARGV"], 0) == kernel.F_NO_ARGV
-    assert int(defines["IMDS_EV_PACKET"]) == kernel.EV_PACKET
-    from imds_tracer.sources import cgroup
-    assert int(defines["IMDS_F_INGRESS"], 0) == cgroup.F_INGRESS
-    assert int(defines["IMDS_F_OWNER_GUESSED"], 0) == cgroup.F_OWNER_GUESSED
-    assert int(defines["IMDS_CNT_OUTPUT_FAILED"]) == kernel.CNT_OUTPUT_FAILED
-    assert int(defines["IMDS_CNT_SENDS_TRUNCATED"]) == kernel.CNT_SENDS_TRUNCATED
+    defines = {name: int(value, 0) for name, value in
+               re.findall(r"#define IMDS_((?:EV|F|CNT)_\w+) (0x[0-9a-f]+|\d+)", text)}
+    assert {"EV_PACKET", "F_OWNER_GUESSED", "CNT_STALE_FD", "CNT_SLOTS"} <= set(defines)
+    ours = {name: getattr(kernel, name) for name in dir(kernel)
+            if re.fullmatch(r"(EV|F|CNT)_\w+", name)}
+    assert ours == defines
     common = (kernel.BPF_DIR / "common.h").read_text()
     limit = int(re.search(r"#define IMDS_ARGV_LIMIT (\d+)", common).group(1))
     arg = int(re.search(r"#define IMDS_ARG_BYTES (\d+)", common).group(1))
     assert kernel.ARGV_BUF == limit + arg
+
+
+def test_no_other_module_defines_event_constants():
+    """One place: no other module of the package assigns an EV_/F_/CNT_ name."""
+    sources = kernel.BPF_DIR.parent / "sources"
+    for path in sources.glob("*.py"):
+        if path.name == "events.py":
+            continue
+        assert not re.search(r"^(EV|F|CNT)_\w+\s*[,=]", path.read_text(), re.M), path.name
 
 
 def test_address_helpers():
@@ -102,7 +107,11 @@ def test_address_helpers():
     assert kernel.split_argv(b"") == ()
 
 
-def test_module_imports_without_bcc():
-    # bcc is imported lazily: nothing at module level
-    src = (kernel.BPF_DIR.parent / "sources" / "kernel.py").read_text()
-    assert not re.search(r"^(from bcc|import bcc)", src, re.M)
+def test_only_the_loader_uses_bcc():
+    """BCC (and with it libLLVM / libclang) is the loader's alone: no other module of the
+    package imports it or calls the finder (doctor reports BCC's version: a short-lived
+    command, not the running agent)."""
+    package = kernel.BPF_DIR.parent
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                   if re.search(r"^\s*(from bcc|import bcc)|import_bcc\(", p.read_text(), re.M))
+    assert users == ["doctor.py", "sources/bcc_module.py", "sources/loader.py"]
