@@ -671,6 +671,10 @@ def main(argv: List[str]) -> None:
     log.propagate = False
     job = load_here(json.loads(argv[1]))
     job.manifest["log"] = collect.records
+    hold = os.environ.get("IMDS_TRACER_LOADER_HOLD")   # tests: a loader that dies here
+    if hold and "error" not in job.manifest:
+        print("imds-tracer loader: attached, holding", file=sys.stderr, flush=True)
+        time.sleep(float(hold))
     try:
         _send(sock, job.manifest, job.fds)
     finally:

@@ -132,7 +132,7 @@ def live_map_ids() -> set[int]:
     import json
     out = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True,
                          check=True).stdout
-    return {m["id"] for m in json.loads(out or "[]")}
+    return {m["id"] for m in json.loads(out.strip() or "[]")}
 
 
 def wait_maps_gone(ids: set[int], seconds: float = 5.0) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +82,11 @@ def test_v1_only_host_gets_the_cgroup_backend_on_a_private_cgroup2_mount(v1_agen
     assert v1_agent.ready_line.startswith("ready backend=cgroup "), v1_agent.stderr()
     said = [line for line in v1_agent.stderr().splitlines() if str(PRIVATE_CGROUP2) in line]
     assert len(said) == 1 and "cgroup v1 host" in said[0], v1_agent.stderr()
+    # the loader unmounted it again once the hooks were attached (they hold the hierarchy's
+    # root cgroup, not the mount): the agent needs no CAP_SYS_ADMIN at stop, and the hooks
+    # still see the requests below
+    mounts = Path(f"/proc/{v1_agent.proc.pid}/mountinfo").read_text()
+    assert " cgroup2 " not in mounts and str(PRIVATE_CGROUP2) not in mounts
     path = "/latest/meta-data/instance-id"
     proc = run_client(lab, [PYTHON, "-c", CLIENT, AWS_IP, path])
     rec, = v1_agent.records_of(proc.pid, 1)
