@@ -23,7 +23,7 @@ from .events import (ARGV_BUF, CNT_ARGV_TRUNCATED, CNT_OUTPUT_FAILED, CNT_SENDS_
                      CNT_SLOTS, CNT_STALE_FD, EV_CLOSE, EV_CONNECT, EV_RECV, EV_SEND,
                      EV_TGID_RESET, F_ARGV_TRUNCATED, F_NO_ARGV, HEADER_SIZE, EventHeader,
                      format_addr, split_argv)
-from .helpers import ringbuf_supported
+from .helpers import raise_memlock, ringbuf_supported
 from .loader import LoaderProcess, spec_of
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class KernelSource:
             self.maps[name] = bpfsys.BpfMap(self._fds[m["fd"]], m["key_size"],
                                             m["value_size"], m["max_entries"], m["type"])
         output = manifest["output"]
+        raise_memlock()   # perf buffers are mlocked pages (kernels before 5.11 count them)
         if "ring" in output:
             ring = output["ring"]
             self._output = bpfsys.RingBufferReader(self._fds[ring["fd"]], ring["max_entries"])
