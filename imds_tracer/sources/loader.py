@@ -44,7 +44,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Loaded(NamedTuple):
-    manifest: dict   # see _manifest()
+    manifest: dict   # see _load()
     fds: List[int]   # indexed by the manifest's fd numbers; the agent owns them
 
 
@@ -58,8 +58,10 @@ class LoaderProcess:
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+        if str(PACKAGE_ROOT) not in {os.path.realpath(p or ".") for p in sys.path}:
+            # the child imports this very package (`-m` also puts its cwd, ours, first)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "imds_tracer.sources.loader", str(theirs.fileno()),
@@ -116,7 +118,7 @@ class LoaderProcess:
         """Stops a loader whose result is no longer wanted (its fds close with it)."""
         with contextlib.suppress(OSError):
             self._proc.kill()
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, SourceError):
             self.receive()
 
 
