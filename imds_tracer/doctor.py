@@ -187,6 +187,8 @@ def check_capabilities() -> Check:
     have = caps.names(caps.effective_caps() & sum(1 << bit for bit in caps.NAMES.values()))
     enough = caps.can_load_bpf()
     detail = "effective: " + (", ".join(have) if have else "none of " + ", ".join(caps.NAMES))
+    detail += ("; a running agent keeps only " + ", ".join(caps.names(caps.AGENT_KEEPS))
+               + " after the load (+ CAP_BPF where the kernel checks bpf() map reads)")
     return Check("capabilities", enough, detail,
                  "" if enough else "run as root, or grant CAP_BPF CAP_PERFMON (CAP_SYS_ADMIN "
                  "on kernels before 5.8)")

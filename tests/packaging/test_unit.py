@@ -203,6 +203,14 @@ def test_agent_runs_in_unit_sandbox(without, backend, agent_usable, tmp_path, la
         want = "tracepoint" if backend == "tracepoint" or without == "CAP_NET_ADMIN" \
             else "cgroup"
         assert f"ready backend={want} " in "".join(boxed.err)
+        # after the load the agent keeps CAP_SYS_PTRACE (and CAP_BPF where the kernel checks
+        # bpf() map calls): not the rest of the unit's set, which only the loader used
+        status = dict(line.split(":\t", 1) for line in
+                      open(f"/proc/{boxed.proc.pid}/status").read().splitlines() if ":\t" in line)
+        kept = int(status["CapEff"], 16)
+        assert kept == int(status["CapPrm"], 16) and status["NoNewPrivs"].strip() == "1"
+        assert kept & ~(1 << 19 | 1 << 39) == 0, status["CapEff"]   # CAP_SYS_PTRACE, CAP_BPF
+        assert bool(kept >> 19 & 1) == (without != "CAP_SYS_PTRACE")
         client = lab.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           "sh", "-c", f'/usr/bin/python3 -c "{CLIENT}"; sleep 0.3'])
         assert client.returncode == 0, client.stderr
