@@ -113,7 +113,13 @@ class KernelSource:
             return self.probes
         self.begin()
         loader, self._loader = self._loader, None
-        manifest, self._fds = loader.receive()
+        self.take_over(*loader.receive())
+        return self.probes
+
+    def take_over(self, manifest: dict, fds: List[int]) -> None:
+        """Holds a load's descriptors (from the loader, or from loader.load_here in tests)
+        and opens the event stream. Raises SourceError (then they are closed)."""
+        self._fds = list(fds)
         try:
             self._open(manifest)
         except (OSError, ValueError, KeyError) as exc:
@@ -121,7 +127,6 @@ class KernelSource:
             raise SourceError(f"{self.name} backend: the loader's descriptors are unusable: "
                               f"{getattr(exc, 'strerror', None) or exc}; see imds-tracer "
                               "doctor") from None
-        return self.probes
 
     def _open(self, manifest: dict) -> None:
         self.probes = int(manifest["probes"])

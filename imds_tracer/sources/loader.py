@@ -303,6 +303,7 @@ class Job:
         self.info: dict = {}           # backend facts for the agent (stats, log context)
         self.cleanups: list = []       # undone if the load fails
         self.manifest: dict = {}
+        self.flags: List[str] = []     # what the programs were compiled with
         # CLOCK_MONOTONIC (system-wide) at each step, for where start-up time goes
         self.marks: dict = {"interpreter": _STARTED}
 
@@ -331,10 +332,6 @@ def _cgroup_cflags(job: Job) -> list[str]:
     flags = [f"-DIMDS_PORT_MATCH(p)={port_match(job.spec['ports'])}"]
     if hook_support().packet_current_task:
         flags.append("-DIMDS_SKB_CURRENT_TASK")
-    else:
-        log.info("cgroup backend: this kernel lets cgroup_skb programs call no "
-                 "current-task helper: requests on sockets connected before the agent "
-                 "started are logged without their process")
     try:
         constants = exec_argv_constants(Btf.load(VMLINUX_BTF))
     except BtfError as exc:
@@ -388,6 +385,20 @@ def _cgroup_attach(job: Job) -> int:
         except Exception as exc:  # noqa: BLE001 - BCC raises bare Exception
             log.warning("sched:sched_process_exec not attached (%s): argv of processes "
                         "that exit early will be unknown", exc)
+    # after attaching, so that a connect racing with the scan is seen by one or the other;
+    # before a private mount goes: the holders' cgroup ids are read through it
+    try:
+        adopted, missed = _adopt_cgroup_sockets(job, root)
+    except OSError as exc:
+        log.warning("start-up scan of connected sockets failed: %s", exc)
+    else:
+        job.info["adopted"] = adopted
+        if adopted:
+            log.info("adopted %d connection(s) opened before the agent started", adopted)
+        if missed:
+            log.warning("%d connection(s) opened before the agent started could not be "
+                        "adopted (%s): their requests are logged without their process "
+                        "where this kernel cannot tell", len(missed), missed[0])
     if private:
         # the links hold the hierarchy's root cgroup, not the mount: unmounted now, so the
         # agent needs no CAP_SYS_ADMIN to undo it (tests/kernel/test_cgroup_v1.py)
@@ -397,6 +408,34 @@ def _cgroup_attach(job: Job) -> int:
                     "mounted one at %s for attaching the socket hooks (every process is in "
                     "its root), unmounted again once they were attached", root)
     return attached
+
+
+def _adopt_cgroup_sockets(job: Job, root: str) -> tuple[int, list[str]]:
+    """Sockets connected to a watched address before the hooks were attached: their cookies
+    are given their holder, as the connect hooks would have. (adopted, why each one that
+    could not be was not)."""
+    from . import adopt
+    socks = job.bpf[b"socks"]
+    adopted, missed = 0, []
+    for held in adopt.scan_connected(job.spec["addresses"], job.spec["ports"]):
+        try:
+            cookie = adopt.socket_cookie(held.tgid, held.fd)
+        except OSError as exc:
+            missed.append(f"pid {held.tgid} fd {held.fd}: {exc.strerror}")
+            continue
+        key = socks.Key(cookie)
+        if key in socks:
+            continue                  # seen by a hook meanwhile, or held by two processes
+        who = adopt.holder(held.tgid, root)
+        if who is None:
+            continue                  # exited meanwhile
+        leaf = socks.Leaf()
+        leaf.cgroup_id, leaf.tgid, leaf.tid = who.cgroup_id, who.tgid, who.tgid
+        leaf.uid, leaf.ppid, leaf.flags = who.uid, who.ppid, 0
+        leaf.comm = who.comm
+        socks[key] = leaf
+        adopted += 1
+    return adopted, missed
 
 
 def _load_hook(job: Job, func: str, prog_type: int, attach_type: int) -> tuple[int, bool]:
@@ -501,8 +540,9 @@ def _tracepoint_attach(job: Job) -> int:
 
 def _adopt_existing(job: Job) -> int:
     """Sockets connected to a watched address before the load, in every network namespace,
-    entered into the kernel's connection table (see tracepoint.scan_connected)."""
-    from .tracepoint import ADOPTED_ID_BASE, scan_connected
+    entered into the kernel's connection table (see adopt.scan_connected)."""
+    from .adopt import scan_connected
+    from .tracepoint import ADOPTED_ID_BASE
     bpf = job.bpf
     conns, epochs, maybe = bpf[b"conns"], bpf[b"tgid_epoch"], bpf[b"maybe_tracked"]
     slots = len(maybe)
@@ -620,7 +660,7 @@ def _load(job: Job) -> dict:
     program, cflags, attach, extra_maps = BACKENDS[job.spec["backend"]]
     import_bcc()
     job.mark("bcc_imported")
-    flags = compile_flags(job.spec) + cflags(job)
+    flags = job.flags = compile_flags(job.spec) + cflags(job)
     job.mark("flags")
     job.bpf = load_bpf(program, flags)
     job.mark("compiled")
