@@ -165,8 +165,10 @@ class RingBufferReader:
         self.mask = data_size - 1
         self.consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        # the producer page, then the data area mapped twice (a record never wraps)
-        self.producer = mmap.mmap(map_fd, page + 2 * data_size, mmap.MAP_SHARED,
+        # the producer page, then the data area. The kernel maps it twice in a row so that
+        # no record wraps, but each copy counts in the RSS: once, and a record that runs
+        # past the end is read in two pieces.
+        self.producer = mmap.mmap(map_fd, page + data_size, mmap.MAP_SHARED,
                                   mmap.PROT_READ, offset=page)
         self.data = memoryview(self.producer)[page:]
         self.epoll = select.epoll()
@@ -195,7 +197,12 @@ class RingBufferReader:
                     return count
                 length = word & ~(RINGBUF_BUSY | RINGBUF_DISCARD)
                 if not word & RINGBUF_DISCARD:
-                    callback(bytes(self.data[off + RINGBUF_HDR:off + RINGBUF_HDR + length]))
+                    start = off + RINGBUF_HDR   # headers are 8-aligned: never split
+                    end = start + length
+                    if end <= self.size:
+                        callback(bytes(self.data[start:end]))
+                    else:
+                        callback(bytes(self.data[start:]) + bytes(self.data[:end - self.size]))
                     count += 1
                 cons += (length + RINGBUF_HDR + 7) & ~7
                 struct.pack_into("<Q", self.consumer, 0, cons)
