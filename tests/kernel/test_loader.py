@@ -138,18 +138,32 @@ def _our_cgroup_hooks() -> set[int]:
     return {p["id"] for p in json.loads(out.strip() or "[]") if p.get("name", "").startswith("imds_")}
 
 
+def _programs_held_by(pid: int) -> set[int]:
+    """Ids of the BPF programs process `pid` holds a program or link descriptor of (its
+    /proc/PID/fdinfo: prog_id)."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        out.update(int(m) for m in re.findall(r"^prog_id:\s*(\d+)", text, re.M))
+    return out
+
+
 def test_loader_killed_after_attaching_leaves_nothing_attached(monkeypatch):
+    """(Hooks are told apart by the loader's pid: other agents may attach meanwhile.)"""
     from imds_tracer.sources import loader
-    before = _our_cgroup_hooks()
     monkeypatch.setenv("IMDS_TRACER_LOADER_HOLD", "60")
     running = loader.LoaderProcess("cgroup", loader.spec_of(Config(), use_perf=False,
                                                             keep_caps=caps.AGENT_KEEPS))
     deadline = time.monotonic() + 60
-    while len(_our_cgroup_hooks() - before) < 4:
+    mine: set = set()
+    while len(mine) < 4:
         assert time.monotonic() < deadline, "the loader attached nothing"
         assert running._proc.poll() is None, "the loader exited"
         time.sleep(0.05)
-    mine = _our_cgroup_hooks() - before
+        mine = _our_cgroup_hooks() & _programs_held_by(running._proc.pid)
     running._proc.kill()
     with pytest.raises(SourceError) as info:
         running.receive()
@@ -249,3 +263,37 @@ def test_ring_buffer_records_across_its_end_arrive_whole():
     for data in got:
         match = re.fullmatch(rb"GET /(\d{8}) (x*)\n", data)
         assert match and len(match.group(2)) == int(match.group(1)) % 700, data[:40]
+
+
+def test_outputs_open_while_the_loader_compiles():
+    """select_backend(while_loading=...) runs the caller's start-up work (opening the outputs)
+    while the loader compiles; if that work fails, the load is abandoned: nothing attached."""
+    from imds_tracer.sources import loader
+    from imds_tracer.sources.select import select_backend
+    seen = []
+    selection = select_backend(Config(), "cgroup",
+                               while_loading=lambda: seen.append(len(_our_cgroup_hooks())))
+    try:
+        assert seen and selection.source.probes == 6
+    finally:
+        selection.source.stop()
+
+    def fails():
+        raise OSError(28, "No space left on device")
+
+    started = []
+    real = loader.LoaderProcess.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        started.append(self)
+
+    loader.LoaderProcess.__init__ = recording
+    try:
+        with pytest.raises(OSError):
+            select_backend(Config(), "cgroup", while_loading=fails)
+    finally:
+        loader.LoaderProcess.__init__ = real
+    # the abandoned loader was killed and reaped: its descriptors, the only references to
+    # what it attached, are closed (see the test above)
+    assert len(started) == 1 and started[0]._proc.returncode is not None
