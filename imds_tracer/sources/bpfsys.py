@@ -154,6 +154,7 @@ class BpfMap:
 Callback = Callable[[bytes], None]
 
 RINGBUF_BUSY, RINGBUF_DISCARD, RINGBUF_HDR = 1 << 31, 1 << 30, 8
+MAX_RECORDS = 4096   # per poll, per buffer
 
 
 class RingBufferReader:
@@ -175,8 +176,8 @@ class RingBufferReader:
         self.epoll.register(map_fd, select.EPOLLIN)
 
     def poll(self, timeout_ms: int, callback: Callback) -> int:
-        """Hands every available record to `callback`; waits up to timeout_ms for the first.
-        Returns the number of records."""
+        """Hands the records available (at most MAX_RECORDS) to `callback`; waits up to
+        timeout_ms for the first. Returns the number of records."""
         count = self._consume(callback)
         if count == 0 and timeout_ms > 0:
             self.epoll.poll(timeout_ms / 1000.0)
@@ -184,28 +185,29 @@ class RingBufferReader:
         return count
 
     def _consume(self, callback: Callback) -> int:
+        """Up to MAX_RECORDS of what was committed when it started: a producer faster than
+        the reader must not grow one poll's batch without bound (the rest waits in the ring;
+        what no longer fits there is counted lost by the kernel side)."""
         count = 0
         cons = struct.unpack_from("<Q", self.consumer, 0)[0]
-        while True:
-            prod = struct.unpack_from("<Q", self.producer, 0)[0]
-            if cons >= prod:
+        prod = struct.unpack_from("<Q", self.producer, 0)[0]
+        while cons < prod and count < MAX_RECORDS:
+            off = cons & self.mask
+            word = struct.unpack_from("<I", self.data, off)[0]
+            if word & RINGBUF_BUSY:   # reserved, not yet committed
                 return count
-            while cons < prod:
-                off = cons & self.mask
-                word = struct.unpack_from("<I", self.data, off)[0]
-                if word & RINGBUF_BUSY:   # reserved, not yet committed
-                    return count
-                length = word & ~(RINGBUF_BUSY | RINGBUF_DISCARD)
-                if not word & RINGBUF_DISCARD:
-                    start = off + RINGBUF_HDR   # headers are 8-aligned: never split
-                    end = start + length
-                    if end <= self.size:
-                        callback(bytes(self.data[start:end]))
-                    else:
-                        callback(bytes(self.data[start:]) + bytes(self.data[:end - self.size]))
-                    count += 1
-                cons += (length + RINGBUF_HDR + 7) & ~7
-                struct.pack_into("<Q", self.consumer, 0, cons)
+            length = word & ~(RINGBUF_BUSY | RINGBUF_DISCARD)
+            if not word & RINGBUF_DISCARD:
+                start = off + RINGBUF_HDR   # headers are 8-aligned: never split
+                end = start + length
+                if end <= self.size:
+                    callback(bytes(self.data[start:end]))
+                else:
+                    callback(bytes(self.data[start:]) + bytes(self.data[:end - self.size]))
+                count += 1
+            cons += (length + RINGBUF_HDR + 7) & ~7
+            struct.pack_into("<Q", self.consumer, 0, cons)
+        return count
 
     def close(self) -> None:
         self.epoll.close()
@@ -237,7 +239,7 @@ class _PerfRing:
         head = struct.unpack_from("<Q", self.map, _DATA_HEAD)[0]
         tail = struct.unpack_from("<Q", self.map, _DATA_TAIL)[0]
         count = 0
-        while tail < head:
+        while tail < head and count < MAX_RECORDS:
             rtype, _misc, size = struct.unpack("<IHH", self._bytes(tail, 8))
             if size < 8:
                 break
