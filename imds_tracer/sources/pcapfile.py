@@ -93,6 +93,7 @@ def _pcap_records(fh: BinaryIO, record_header: struct.Struct, linktype: int,
 
 def _pcapng(fh: BinaryIO, block_type: bytes) -> Iterator[Record]:
     endian, interfaces = "<", []   # (link type, units per second) by interface id
+    last_ts = 0.0                  # a simple packet block has no time: the one before it
     while True:
         raw_length = _read(fh, 4, "a block header")
         if block_type == PCAPNG_SHB:   # a new section: its byte order, its interfaces
@@ -108,7 +109,9 @@ def _pcapng(fh: BinaryIO, block_type: bytes) -> Iterator[Record]:
             if kind == BLOCK_IDB:
                 interfaces.append(_interface(body, endian))
             elif kind in (BLOCK_EPB, BLOCK_OPB, BLOCK_SPB):
-                yield _packet(kind, body, endian, interfaces)
+                linktype, ts, data = _packet(kind, body, endian, interfaces)
+                last_ts = last_ts if ts is None else ts
+                yield linktype, last_ts, data
         block_type = fh.read(4)
         if not block_type:
             return
@@ -140,11 +143,12 @@ def _interface(body: bytes, endian: str) -> Tuple[int, float]:
     return linktype, per_second
 
 
-def _packet(kind: int, body: bytes, endian: str, interfaces: List) -> Record:
-    if kind == BLOCK_SPB:   # no timestamp, interface 0
+def _packet(kind: int, body: bytes, endian: str, interfaces: List):
+    """(link type, time or None, data) of a packet block."""
+    if kind == BLOCK_SPB:   # interface 0, no timestamp; the packet's length, then it, padded
         if not interfaces or len(body) < 4:
             raise CaptureError("a simple packet block without an interface")
-        return interfaces[0][0], 0.0, body[4:]
+        return interfaces[0][0], None, body[4:4 + struct.unpack(endian + "I", body[:4])[0]]
     if len(body) < 20:
         raise CaptureError("a packet block is too short")
     if kind == BLOCK_EPB:
