@@ -79,8 +79,7 @@ def check_bpf_syscall() -> Check:
 
 
 def check_cgroup2() -> Check:
-    from .sources.cgroup import (PRIVATE_CGROUP2, CgroupSource, cgroup2_root,
-                                 hook_support)
+    from .sources.cgroup import PRIVATE_CGROUP2, CgroupSource, cgroup2_root
     why_not = CgroupSource.unavailable_reason()
     if why_not:
         return Check("cgroup v2", False, why_not, "the kprobe and tracepoint backends work "
@@ -90,10 +89,7 @@ def check_cgroup2() -> Check:
              f"none mounted (a cgroup v1 host): the cgroup backend mounts its own at "
              f"{PRIVATE_CGROUP2} while it runs (this process has CAP_SYS_ADMIN; without "
              f"it, 'imds-tracer cgroup2 mount' first)")
-    owners = ("packets of sockets connected before the agent started are attributed to "
-              "their sender" if hook_support().packet_current_task else
-              "this kernel's cgroup_skb programs may not ask for the current task: requests "
-              "on sockets connected before the agent started are logged without a process")
+    owners = "sockets connected before the agent started are adopted at start"
     return Check("cgroup v2", True, f"{where}; {owners}", required=False)
 
 

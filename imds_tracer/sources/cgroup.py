@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from . import helpers
+from . import adopt, helpers
 from .base import SourceError
 from .bcc_module import import_bcc
 from .btf import VMLINUX_BTF, Btf, BtfError, exec_argv_constants
@@ -245,10 +245,6 @@ class CgroupSource(KernelSource):
         flags = super()._cflags() + [f"-DIMDS_PORT_MATCH(p)={port_match(self.config.ports)}"]
         if hook_support().packet_current_task:
             flags.append("-DIMDS_SKB_CURRENT_TASK")
-        else:
-            log.info("cgroup backend: this kernel lets cgroup_skb programs call no "
-                     "current-task helper: requests on sockets connected before the agent "
-                     "started are logged without their process")
         try:
             constants = exec_argv_constants(Btf.load(VMLINUX_BTF))
         except BtfError as exc:
@@ -293,6 +289,46 @@ class CgroupSource(KernelSource):
                 log.warning("sched:sched_process_exec not attached (%s): argv of processes "
                             "that exit early will be unknown", exc)
         return attached
+
+    def _after_attach(self) -> None:
+        # after attaching, so that a connect racing with the scan is seen by one or the other
+        try:
+            adopted, missed = self.adopt_existing()
+        except OSError as exc:
+            log.warning("start-up scan of connected sockets failed: %s", exc)
+            return
+        if adopted:
+            log.info("adopted %d connection(s) opened before the agent started", adopted)
+        if missed:
+            log.warning("%d connection(s) opened before the agent started could not be "
+                        "adopted (%s): their requests are logged without their process "
+                        "where this kernel cannot tell", len(missed), missed[0])
+
+    def adopt_existing(self) -> tuple[int, list[str]]:
+        """Sockets connected to a watched address before the hooks were attached: their
+        cookies are given their holder, as the connect hooks would have. (adopted, why
+        each one that could not be was not)."""
+        socks = self.bpf[b"socks"]
+        adopted, missed = 0, []
+        for held in adopt.scan_connected(self.config.addresses, self.config.ports):
+            try:
+                cookie = adopt.socket_cookie(held.tgid, held.fd)
+            except OSError as exc:
+                missed.append(f"pid {held.tgid} fd {held.fd}: {exc.strerror}")
+                continue
+            key = socks.Key(cookie)
+            if key in socks:
+                continue                  # seen by a hook meanwhile, or held by two processes
+            who = adopt.holder(held.tgid, self.root)
+            if who is None:
+                continue                  # exited meanwhile
+            leaf = socks.Leaf()
+            leaf.cgroup_id, leaf.tgid, leaf.tid = who.cgroup_id, who.tgid, who.tgid
+            leaf.uid, leaf.ppid, leaf.flags = who.uid, who.ppid, 0
+            leaf.comm = who.comm
+            socks[key] = leaf
+            adopted += 1
+        return adopted, missed
 
     def _load_hook(self, func: str, prog_type: int, attach_type: int) -> tuple[int, bool]:
         """(program fd, whether we own it). BCC before 0.19 (Debian 11's 0.18) has no

@@ -57,3 +57,42 @@ def test_hooks_load_with_a_bcc_whose_load_func_takes_no_attach_type(monkeypatch)
                           for _, _, attach in cgroup.HOOKS]
     finally:
         source.stop()
+
+
+def test_connection_opened_before_start_is_attributed_without_current_task_helpers(
+        monkeypatch, lab):
+    """Where packet programs may not ask for the current task (Debian's 5.10 and 6.1), a
+    connection opened before the agent started is adopted at start (its cookie given its
+    holder): its later requests carry the client's pid, in its own network namespace."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.kernel.conftest import Recorder
+    from tests.lab.clients import KEEPALIVE_CLIENT
+
+    monkeypatch.setattr(cgroup, "hook_support", lambda: cgroup.HookSupport(None, False))
+    client = lab.popen([sys.executable, "-c", KEEPALIVE_CLIENT, "169.254.169.254"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    source = cgroup.CgroupSource(Config())
+    rec = Recorder()
+    try:
+        assert client.stdout.readline().strip() == "first"
+        source.start()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "done"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            rec.take(source.poll(100))
+            sent = b"".join(c.data for c in rec.chunks
+                            if c.process is not None and c.process.pid == client.pid)
+            if b"/latest/meta-data/hostname" in sent:
+                break
+    finally:
+        source.stop()
+        client.kill()
+        client.wait(5)
+    assert b"GET /latest/meta-data/ami-id" in sent, [
+        (c.process and c.process.pid, c.data[:40]) for c in rec.chunks]
+    assert b"GET /latest/meta-data/hostname" in sent

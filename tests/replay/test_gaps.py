@@ -85,10 +85,13 @@ def _big_capture(path: Path, requests: int) -> None:
     packets after it are those bytes with the sequence number, length and payload set."""
     from scapy.compat import raw
     from scapy.layers.inet import IP, TCP
-    from scapy.utils import RawPcapWriter
 
-    writer = RawPcapWriter(str(path), linktype=101, sync=False)  # raw IP
-    writer.write_header(None)
+    out = open(path, "wb")   # classic pcap, raw IP (linktype 101): the same on every scapy
+    out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 101))
+
+    def record(data: bytes, sec: int, usec: int) -> None:
+        out.write(struct.pack("<IIII", sec, usec, len(data), len(data)) + data)
+
     ts = time.time() - 3600
     answer = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
@@ -96,7 +99,7 @@ def _big_capture(path: Path, requests: int) -> None:
         head = bytearray(template[:40])
         struct.pack_into("!H", head, 2, 40 + len(payload))
         struct.pack_into("!I", head, 24, seq)
-        writer.write_packet(bytes(head) + payload, sec=int(ts), usec=int(ts % 1 * 1e6))
+        record(bytes(head) + payload, sec=int(ts), usec=int(ts % 1 * 1e6))
 
     for conn in range(requests // 100):
         sport = 20000 + conn
@@ -104,10 +107,10 @@ def _big_capture(path: Path, requests: int) -> None:
                  TCP(sport=sport, dport=80, flags="PA"))
         down = raw(IP(src="169.254.169.254", dst="10.0.0.2") /
                    TCP(sport=80, dport=sport, flags="PA"))
-        writer.write_packet(raw(IP(src="10.0.0.2", dst="169.254.169.254") /
+        record(raw(IP(src="10.0.0.2", dst="169.254.169.254") /
                                 TCP(sport=sport, dport=80, flags="S", seq=999)),
                             sec=int(ts), usec=0)
-        writer.write_packet(raw(IP(src="169.254.169.254", dst="10.0.0.2") /
+        record(raw(IP(src="169.254.169.254", dst="10.0.0.2") /
                                 TCP(sport=80, dport=sport, flags="SA", seq=4999)),
                             sec=int(ts), usec=0)
         cseq, sseq = 1000, 5000
@@ -119,7 +122,7 @@ def _big_capture(path: Path, requests: int) -> None:
             put(down, sseq, answer)
             cseq += len(req)
             sseq += len(answer)
-    writer.close()
+    out.close()
 
 
 def test_replay_keeps_every_record_in_the_files_the_user_named(tmp_path):

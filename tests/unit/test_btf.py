@@ -5,7 +5,7 @@ import struct
 import pytest
 
 from imds_tracer.sources import btf as btfmod
-from imds_tracer.sources.tracepoint import parse_proc_net_tcp
+from imds_tracer.sources.adopt import parse_proc_net_tcp
 
 
 class BtfBuilder:
