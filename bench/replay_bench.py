@@ -4,7 +4,8 @@ side by side with another revision (default `main`) and with `tshark -Y http.req
 - small: a capture of one connection carrying one request (bench/workload.py). What counts
   is start-up: interpreter, imports, outputs opened, the file read. Both revisions run it
   --small-repeat times, interleaved (the machine is shared: compare within one run, by the
-  ratio); median and best wall-clock seconds, and the imports' share from
+  ratio); median and best wall-clock seconds, CPU seconds (user + system: less moved by
+  other load than the wall clock), and the imports' share from
   `python -X importtime` (the sum of the top-level imports).
 - large: default 1,000,000 packets, about 1% metadata traffic: whole TCP conversations of
   the workload mix spread evenly among unrelated HTTPS, HTTP and DNS packets. Each tool runs
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,16 +55,19 @@ def run_replay(tree: str, pcap: str, log_dir: str, *, importtime: bool = False) 
     env = dict(os.environ, PYTHONPATH=tree)
     cmd = [sys.executable] + (["-X", "importtime"] if importtime else []) + \
         ["-m", "imds_tracer", "replay", pcap, "--log-dir", log_dir, "--no-progress"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(log_dir),
                           env=env)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"imds-tracer replay ({tree}) failed: {proc.stderr.strip()[-300:]}")
     with open(os.path.join(log_dir, "imds-trace.log"), encoding="utf-8") as fh:
         lines = [line for line in fh if "agent dropped" not in line]
     shutil.rmtree(log_dir, ignore_errors=True)
-    result = {"seconds": round(elapsed, 4), "logged": len(lines),
+    result = {"seconds": round(elapsed, 4), "cpu_seconds": round(cpu, 4), "logged": len(lines),
               "warnings": sum(1 for line in lines if "[WARNING]" in line)}
     if importtime:
         result["import_seconds"] = round(top_level_imports(proc.stderr), 4)
@@ -106,8 +111,10 @@ def small_capture(trees: dict, tmp: str, repeat: int) -> dict:
     out = {"pcap": facts}
     for name, results in runs.items():
         seconds = [r["seconds"] for r in results]
+        cpu = [r["cpu_seconds"] for r in results]
         out[name] = {"median_seconds": round(statistics.median(seconds), 4),
                      "best_seconds": min(seconds), "all_seconds": seconds,
+                     "cpu_seconds_median": round(statistics.median(cpu), 4),
                      "import_seconds_median": round(statistics.median(imports[name]), 4),
                      "logged": results[0]["logged"]}
     if len(trees) == 2:
