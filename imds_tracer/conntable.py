@@ -1,7 +1,7 @@
 """The one bounded connection table: at most `max_conns` entries, least recently used out first.
 
 Every place that follows connections keeps one (the packet demultiplexer, reassembly, the
-kernel sources' socket table), each bounded by `capture.max_flows`, so that a process opening
+kernel sources' socket table), each bounded by `flows.max_flows`, so that a process opening
 connections without end costs the agent a fixed amount of memory. What is pushed out is
 handed back to the caller, which counts or closes it: eviction is never silent.
 

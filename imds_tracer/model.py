@@ -70,7 +70,7 @@ DROP_KINDS = frozenset({
     "payload_truncated",  # a send longer than capture.max_payload: its end not copied
     "head_truncated",     # a request head logged without all of its bytes
     "stream_gap",         # bytes of a stream that never came: skipped to the next message
-    "flow_table_full",    # a connection pushed out to keep capture.max_flows
+    "flow_table_full",    # a connection pushed out to keep flows.max_flows
     "log_write",          # a trace-log or JSON line that could not be written
     "stale_fd",           # kernel: a tracked fd found stale after exec/exit, forgotten
     "argv_truncated",     # kernel: an exec argv longer than the kernel's cache holds
