@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 import sys
 import time
+import zlib
 from typing import Iterator, Optional, Tuple
 
 from .base import Batch, SourceError
@@ -113,12 +114,12 @@ class PcapReplay:
                 elif stats.packets % BATCH_PACKETS == 0:
                     yield batch, None
                     batch = Batch()
-        except CaptureError as exc:
+        except (CaptureError, EOFError) as exc:   # EOFError: a gzip stream cut short
             error = (f"truncated capture: the last record is cut short ({stats.packets} "
-                     "packets read before it)") if exc.cut else \
+                     "packets read before it)") if getattr(exc, "cut", True) else \
                 f"unreadable after {stats.packets} packets ({exc})"
-        except (ValueError, OSError, EOFError) as exc:   # a time out of range; gzip errors
-            error = f"unreadable after {stats.packets} packets ({exc})"
+        except (ValueError, OSError, zlib.error) as exc:   # a time out of range; a damaged
+            error = f"unreadable after {stats.packets} packets ({exc})"   # gzip stream
         yield batch, None
         if error:
             raise SourceError(f"{path}: {error}")

@@ -141,6 +141,27 @@ def test_a_cut_file_is_told_apart_after_its_records(tmp_path):
     assert caught.value.cut
 
 
+@pytest.mark.parametrize("damage, words", [("cut", "truncated capture"),
+                                           ("flipped", "unreadable after")])
+def test_a_damaged_gzip_capture_is_one_line_after_what_it_held(tmp_path, damage, words):
+    from imds_tracer.sources.base import SourceError
+    from imds_tracer.sources.replay import PcapReplay
+
+    blob = bytearray(gzip.compress((DATA / "aws.pcap").read_bytes()))
+    if damage == "cut":
+        del blob[len(blob) // 2:]
+    else:
+        for at in range(len(blob) // 2, len(blob) // 2 + 40):
+            blob[at] ^= 0x5A
+    path = tmp_path / "x.pcap.gz"
+    path.write_bytes(bytes(blob))
+    replay = PcapReplay(["169.254.169.254"], [80])
+    with pytest.raises(SourceError, match=words) as caught:
+        for _batch, _tick in replay.read(str(path)):
+            pass
+    assert "\n" not in str(caught.value) and replay.stats.packets > 0
+
+
 def test_conn_table_pushes_out_the_least_recently_used():
     table = ConnTable(2)
     assert table.put("a", 1) is None and table.put("b", 2) is None
