@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         run_dir = vm.CACHE / "runs" / f"bench-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run = vm.boot(cell.suite, COMMAND.format(slow=GUEST_SLOW, python=cell.python,
-                                                 rounds=args.rounds), run_dir, cgroup=cell.cgroup)
+                                                 rounds=args.rounds), run_dir, cgroup=cell.cgroup,
+                      mounts=cell.mounts())
         lines = [ln for ln in run.output.splitlines() if ln.startswith("{")]
         result = json.loads(lines[-1]) if run.status == 0 and lines else \
             {"error": f"status {run.status}", "output": run.output[-2000:], "console": run.tail(20)}

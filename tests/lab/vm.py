@@ -346,6 +346,11 @@ if [ "$LAB_CGROUP" = v1 ]; then
 else
     mount -t cgroup2 cgroup2 /sys/fs/cgroup
 fi
+# more host directories at their own paths (after the tmpfs above: a checkout's venv in /tmp)
+for m in $LAB_MOUNTS; do
+    mkdir -p "${m#*=}" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose \
+        "${m%%=*}" "${m#*=}" || echo "lab-guest: mounting ${m#*=} failed"
+done
 rel=$(uname -r)
 k=/lab/kernel
 for m in $k/lib/modules/$rel $k/usr/lib/modules/$rel; do
@@ -411,8 +416,10 @@ class GuestRun:
 
 def boot(suite: str, command: str, run_dir: Path, *, cgroup: str = "v2",
          memory_mib: int = 3072, cpus: int = 2, timeout: float = 1800,
-         env: Optional[dict] = None) -> GuestRun:
-    """Boot `suite`'s kernel with its root, run the shell `command` in /lab/src, power off."""
+         env: Optional[dict] = None, mounts: Sequence[Path] = ()) -> GuestRun:
+    """Boot `suite`'s kernel with its root, run the shell `command` in /lab/src, power off.
+    `mounts`: host directories shown read-only at the same path in the guest (a checkout's
+    venv may live where the guest has a tmpfs, /tmp)."""
     kernel, root = setup(suite)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -426,7 +433,10 @@ def boot(suite: str, command: str, run_dir: Path, *, cgroup: str = "v2",
         "*.egg-info"))
     exports = "".join(f"export {k}='{v}'\n" for k, v in (env or {}).items())
     (run_dir / "command.sh").write_text(exports + command + "\n")
-    (run_dir / "stage2.sh").write_text(f"LAB_CGROUP={cgroup}\n" + STAGE2)
+    extra = {f"m{i}": Path(path) for i, path in enumerate(mounts)}
+    (run_dir / "stage2.sh").write_text(
+        f"LAB_CGROUP={cgroup}\nLAB_MOUNTS='{' '.join(f'{t}={p}' for t, p in extra.items())}'\n"
+        + STAGE2)
     accel = accel_args(kernel)
 
     def share(tag: str, path: Path, readonly: bool = True) -> list[str]:
@@ -439,7 +449,8 @@ def boot(suite: str, command: str, run_dir: Path, *, cgroup: str = "v2",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(kernel.initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init",
             *share("root", root), *share("src", src), *share("kernel", kernel.tree),
-            *share("run", run_dir, readonly=False)]
+            *share("run", run_dir, readonly=False),
+            *(arg for tag, path in extra.items() for arg in share(tag, path))]
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -47,6 +47,11 @@ class Cell:
     python: str = "/usr/bin/python3"   # the guest's own; this machine's root: the checkout's venv
     deselect: tuple = field(default=())  # -k exclusions, each with its reason in the cell
 
+    def mounts(self) -> tuple:
+        """The checkout's venv, when the cell runs its Python: CI's clone is under /tmp."""
+        venv = vm.REPO_ROOT / ".venv"
+        return (venv,) if self.python.startswith(str(venv) + "/") else ()
+
     def e2e_backends(self) -> str:
         # auto's agent stands for the backend it picks: one BCC compile less per guest
         return ",".join(["auto"] + [b for b in self.backends if b != self.auto])
@@ -129,7 +134,7 @@ def test_guest_cell(name, lab_cache):
                                   also=" ".join(cell.also), deselect=deselect)
     run_dir = vm.CACHE / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    run = vm.boot(cell.suite, command, run_dir, cgroup=cell.cgroup)
+    run = vm.boot(cell.suite, command, run_dir, cgroup=cell.cgroup, mounts=cell.mounts())
     stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()] \
         if (run_dir / "stats.jsonl").exists() else []
     report = {"cell": name, "suite": cell.suite, "seconds": round(run.seconds),
