@@ -56,7 +56,9 @@ class Agent:
     - the outputs first: a taken metrics port or an unwritable log directory fails before a
       kernel source spends seconds compiling (`open_source` is called only then);
     - the enricher is built with the source's process caches (`lookup_process(pid) ->
-      (ppid, argv)`) when `enrich` is True, or is the Enricher given, or none (replay).
+      (ppid, argv)`) when `enrich` is True, or is the Enricher given, or none (replay);
+    - threads (the metrics endpoint's) start last: the port is taken with the outputs, but
+      answered only once the source is open and has dropped what it needed to load.
 
     `metrics`: keep Prometheus counters (default: when `metrics_addr` serves them).
     """
@@ -87,8 +89,12 @@ class Agent:
             for sink in sinks:
                 sink.close()
             raise
-        if self.metrics is not None and self.source is not None:
-            self.metrics.set_backend(self.source.name)
+        if self.metrics is not None:
+            if self.source is not None:
+                self.metrics.set_backend(self.source.name)
+            # threads only now: a kernel source drops capabilities once loaded, and
+            # capabilities are per thread (a thread started before keeps them all)
+            self.metrics.start()
 
     # -- outputs ------------------------------------------------------------------------
     def _open_outputs(self, backend: str, console: bool, metrics_addr: Optional[str],
@@ -101,7 +107,7 @@ class Agent:
                                            max_exe_labels=config.max_exe_labels)
                 sinks.append(self.metrics)
                 if metrics_addr:
-                    self.metrics.serve(metrics_addr)
+                    self.metrics.bind(metrics_addr)   # its thread starts after the source
             files = [(lambda: TraceLogSink(config.log_dir, config.log_max_bytes,
                                            config.log_backups, on_failure=self._write_failed),
                       config.log_dir, "--log-dir / log.dir")]

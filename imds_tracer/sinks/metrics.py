@@ -78,8 +78,9 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
+            self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop:
@@ -231,6 +232,12 @@ class MetricsSink:
         self.info.info(self._info)
 
     def serve(self, addr: str) -> None:
+        self.bind(addr)
+        self.start()
+
+    def bind(self, addr: str) -> None:
+        """Take the address (a taken port fails here, in one line); nothing is answered
+        before `start`."""
         host, _, port = addr.rpartition(":")
         host = host.strip("[]")
         try:
@@ -240,7 +247,11 @@ class MetricsSink:
             raise MetricsError(f"metrics address {addr}: {reason} "
                                "(change --metrics-addr or metrics.addr, \"\" turns it off)") \
                 from None
-        self._server.start()
+
+    def start(self) -> None:
+        """Answer on the bound address, from a thread of its own (none when not bound)."""
+        if self._server is not None:
+            self._server.start()
 
     @property
     def port(self) -> int | None:

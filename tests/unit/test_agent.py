@@ -8,6 +8,8 @@ import json
 import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,11 @@ class Opened:
 
     def __init__(self):
         self.calls = 0
+        self.threads_then = None
 
     def __call__(self):
         self.calls += 1
+        self.threads_then = {thread.name for thread in threading.enumerate()}
         return self
 
     def lookup_process(self, pid):
@@ -63,9 +67,14 @@ def test_an_unwritable_log_dir_fails_before_the_source_and_frees_the_port(tmp_pa
 def test_the_enricher_gets_the_sources_process_caches_at_construction(tmp_path):
     opened = Opened()
     agent = Agent(Config(log_dir=str(tmp_path), cloud="none"), backend="auto",
-                  metrics=True, open_source=opened, enrich=True)
+                  metrics_addr="127.0.0.1:0", open_source=opened, enrich=True)
     try:
         assert opened.calls == 1 and agent.source is opened
+        # the port was taken before, but its thread starts after the source opened (which
+        # drops capabilities: a thread started before would keep them)
+        assert "metrics" not in opened.threads_then
+        url = "http://127.0.0.1:%d/metrics" % agent.metrics_port
+        assert b"imds_tracer_dropped_total" in urllib.request.urlopen(url, timeout=10).read()
         assert agent.pipeline.enricher.lookup == opened.lookup_process
         info = [sample.labels for metric in agent.metrics.registry.collect()
                 for sample in metric.samples if sample.name == "imds_tracer_info"]
