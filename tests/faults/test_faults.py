@@ -354,7 +354,12 @@ def test_evidence_outlives_rotation_a_kill_and_a_restart(lab, agents, tmp_path):
     small = "[log]\nmax_bytes = 4096\nbackups = 0\n"
     agent = agents(log_dir=log_dir, config=small).start()
     marker = "fault-evidence-" + secrets.token_hex(4)
-    curl(lab, f"/latest/meta-data/{marker}")
+    # a curl of its own name: report's rows are per program, and an agent sees every
+    # normal-mode curl on the machine (another test run's too)
+    own_curl = tmp_path / f"curl-{marker}"
+    own_curl.symlink_to(shutil.which("curl"))
+    lab.run([str(own_curl), "-s", "-m", "5", "-o", "/dev/null",
+             f"http://{AWS_IP}/latest/meta-data/{marker}"], timeout=20)
     assert len(agent.wait_records(marker, 1, timeout=30)) == 1
     lab.run([PYTHON, "-c", HARDENED_BUSY], timeout=60, check=True)
     deadline = time.monotonic() + 30
@@ -375,7 +380,8 @@ def test_evidence_outlives_rotation_a_kill_and_a_restart(lab, agents, tmp_path):
                           cwd=REPO, timeout=60)
     data = json.loads(proc.stdout)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert [o["count"] for o in data["offenders"] if marker in o["argv"]] == [1]
+    assert [o["count"] for o in data["offenders"] if o["executable"] == own_curl.name] == [1], \
+        data["offenders"]
     assert data["coverage"]["agent_starts"] >= 2
 
 
