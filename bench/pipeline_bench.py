@@ -3,9 +3,10 @@
 Both run on the same events in the same process, one after the other:
 
 - imds-tracer: raw chunks (requests, responses, split sends; see bench/workload.py) fed to
-  the real `Pipeline` wired as `imds-tracer run` wires it (classification, enrichment from
-  /proc with its caches, redaction, trace log in a temporary directory, Prometheus metrics),
-  flows closed after each conversation, `tick` once per 1000 events.
+  the real `Pipeline` wired by the `Agent` as `imds-tracer run` wires it (classification,
+  enrichment from /proc with its caches, redaction, trace log in a temporary directory,
+  Prometheus metrics), flows closed after each conversation, handed over in batches of 1000
+  items with a `tick` after each, as a kernel source's poll returns them.
 - baseline: per event what aws-imds-packet-analyzer's perf-buffer callback does in user
   space: read /proc/PID/cmdline of the process and of three parents, a lowercase substring
   test for "x-aws-ec2-metadata-token", lines joined into the message, its token-redaction
@@ -31,10 +32,12 @@ from logging.handlers import RotatingFileHandler
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import workload  # noqa: E402
-from imds_tracer.cli import _build  # noqa: E402
+from imds_tracer.agent import Agent  # noqa: E402
 from imds_tracer.config import Config  # noqa: E402
 from imds_tracer.enrich import Enricher  # noqa: E402
-from imds_tracer.model import Chunk, Direction, ProcessSnapshot  # noqa: E402
+from imds_tracer.model import Chunk, Direction, FlowClosed, ProcessSnapshot  # noqa: E402
+
+POLL = 1000   # items per batch handed to the pipeline, as a source's poll returns them
 
 
 def process_chain(depth: int = 4) -> list[int]:
@@ -75,33 +78,29 @@ def build_events(n_events: int):
 
 def run_pipeline(events, snap, log_dir: str, enrich: bool = True) -> dict:
     config = Config(log_dir=log_dir, metrics_addr=None, console=False)
-    pipeline, _metrics = _build(config, backend="tracepoint", console=False,
-                                metrics_addr=None,
-                                enricher=Enricher(parents=3) if enrich else None)
-    chunks = []
+    agent = Agent(config, backend="tracepoint", metrics=True,
+                  enrich=Enricher(parents=3) if enrich else False)
+    pipeline = agent.pipeline
+    items = []
     ts = time.time()
     for flow, direction, data, dst in events:
         ts += 0.0001
         if direction is None:
-            chunks.append((flow, ts))
+            items.append(FlowClosed(("bench", flow), ts))
         else:
-            chunks.append(Chunk(("bench", flow), direction, data, ts, dst, 80, "tracepoint",
-                                process=snap if direction is Direction.REQUEST else None))
-    n = sum(1 for c in chunks if isinstance(c, Chunk))
-    feed, close, tick = pipeline.feed, pipeline.close_flow, pipeline.tick
+            items.append(Chunk(("bench", flow), direction, data, ts, dst, 80, "tracepoint",
+                               process=snap if direction is Direction.REQUEST else None))
+    n = sum(1 for item in items if isinstance(item, Chunk))
+    # what a source's poll returns: a batch of POLL items, then the tick after the poll
+    batches = [items[i:i + POLL] for i in range(0, len(items), POLL)]
+    take, tick = pipeline.take, pipeline.tick
     gc.collect()
     start = time.perf_counter()
-    i = 0
-    for item in chunks:
-        if type(item) is tuple:
-            close(("bench",) + item[:1], item[1])
-            continue
-        feed(item)
-        i += 1
-        if i % 1000 == 0:
-            tick(item.ts)
+    for batch in batches:
+        take(batch)
+        tick(batch[-1].ts)
     pipeline.flush(ts)
-    pipeline.close()
+    agent.close()
     elapsed = time.perf_counter() - start
     return {"events": n, "requests": pipeline.requests, "seconds": round(elapsed, 3),
             "events_per_s": round(n / elapsed)}

@@ -203,3 +203,14 @@ def write_pcap(path: str, packets: int, metadata_share: float = 0.01, seed: int 
     return {"packets": written, "metadata_packets": meta_packets,
             "metadata_share": round(meta_packets / written, 4),
             "conversations": len(names), "requests": sum(requests_in(n) for n in names)}
+
+
+def write_one_request_pcap(path: str, name: str = "aliyun-normal") -> dict:
+    """A capture of one whole connection carrying one request (what a user replays to check
+    one finding): what `replay`'s start-up costs, more than its reading."""
+    frames = conversation_frames(name, 40000, random.Random(1))
+    with open(path, "wb") as fh:
+        fh.write(PCAP_HEADER)
+        for i, frame in enumerate(frames):
+            fh.write(_REC.pack(1_790_000_000, i * 100, len(frame), len(frame)) + frame)
+    return {"packets": len(frames), "requests": requests_in(name)}

@@ -4,26 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import socket
 import sys
-import time
 
 from . import __version__
-from .classify import detect_cloud
 from .config import BACKENDS, CLOUDS, Config, ConfigError, load, override, parse_metrics_addr
-from .enrich import Enricher
-from .owner import OwnerResolver
-from .evidence import EvidenceSink
-from .pipeline import Pipeline
-from .report import ReportError
-from .sinks.console import ConsoleSink
-from .sinks.jsonl import JsonLinesSink
-from .sinks.metrics import MetricsError, MetricsSink
-from .sinks.tracelog import TraceLogSink
 from .sources.base import SourceError
 
-log = logging.getLogger("imds_tracer")
 EXIT_OK, EXIT_ERROR = 0, 2  # report's own codes: imds_tracer.verdict
 NO_ROTATION = sys.maxsize  # a size limit no file reaches
 
@@ -124,158 +110,52 @@ def _config(args) -> Config:
     return override(config, **flags)
 
 
-def _cloud(config: Config) -> str | None:
-    if config.cloud == "auto":
-        return detect_cloud()
-    return None if config.cloud == "none" else config.cloud
-
-
-def _build(config: Config, *, backend: str, console: bool, metrics_addr: str | None,
-           enricher: Enricher | None) -> tuple[Pipeline, MetricsSink]:
-    """The sinks and the pipeline, the same for run and replay."""
-    cloud = _cloud(config)
-    metrics = MetricsSink(backend=backend, cloud=cloud, max_exe_labels=config.max_exe_labels)
-    if metrics_addr:
-        metrics.serve(metrics_addr)
-    pipeline = Pipeline(config, [metrics], cloud=cloud, enricher=enricher)
-    failed = lambda n: pipeline.drop("log_write", n)  # noqa: E731
-    files = [(lambda: TraceLogSink(config.log_dir, config.log_max_bytes, config.log_backups,
-                                   on_failure=failed), config.log_dir, "--log-dir / log.dir")]
-    if config.json:
-        files.append((lambda: JsonLinesSink(config.json, config.json_max_bytes,
-                                            config.json_backups, on_failure=failed),
-                      config.json, "--json / log.json"))
-    for make, where, setting in files:
-        try:
-            pipeline.sinks.append(make())
-        except OSError as exc:
-            pipeline.close()
-            raise ConfigError(f"cannot write {exc.filename or where}: {exc.strerror} "
-                              f"({setting})") from None
-    if console:
-        pipeline.sinks.append(ConsoleSink())
-    return pipeline, metrics
-
-
 def cmd_replay(args) -> int:
-    from .sources.replay import PcapReplay
+    from .agent import Agent
 
     # the trace log (and --json) are the output: no per-request console lines, and no size
     # rotation, which would move records of the capture out of the file the user named
     config = override(_config(args), log_max_bytes=NO_ROTATION, json_max_bytes=NO_ROTATION)
-    pipeline, metrics = _build(config, backend="replay", console=False,
-                               metrics_addr=config.metrics_addr if args.metrics_addr else None,
-                               enricher=None)
-    replay = PcapReplay(config.addresses, config.ports, progress=args.progress,
-                        max_conns=config.max_flows)
-    errors = 0
-    for path in args.files:
-        try:
-            replay.replay(path, pipeline)
-        except SourceError as exc:
-            print(f"imds-tracer: error: {exc}", file=sys.stderr)
-            errors += 1
-    pipeline.flush()
-    print(f"imds-tracer: replayed {replay.stats.packets} packets from {len(args.files)} "
-          f"file(s): {pipeline.requests} request(s) to metadata addresses", file=sys.stderr)
-    if args.linger and metrics.port:
+    agent = Agent(config, backend="replay",
+                  metrics_addr=config.metrics_addr if args.metrics_addr else None)
+    errors = agent.replay(args.files, progress=args.progress)
+    print(f"imds-tracer: replayed {agent.replayed_packets} packets from {len(args.files)} "
+          f"file(s): {agent.pipeline.requests} request(s) to metadata addresses",
+          file=sys.stderr)
+    if args.linger and agent.metrics_port:
         host = config.metrics_addr.rpartition(":")[0]
-        print(f"imds-tracer: serving metrics on {host}:{metrics.port}; Ctrl-C to stop",
+        print(f"imds-tracer: serving metrics on {host}:{agent.metrics_port}; Ctrl-C to stop",
               file=sys.stderr, flush=True)
-        _wait_for_signal()
-    pipeline.close()
+        agent.linger()
+    agent.close()
     return EXIT_ERROR if errors else EXIT_OK
 
 
-def _wait_for_signal() -> None:
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(1))
-    while not stop:
-        time.sleep(0.2)
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) we are ready; nothing when not under systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(path)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("sd_notify failed: %s", exc)
-
-
-def _can_load_bpf() -> bool:
-    """Root, or the capabilities BCC needs (CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN)."""
-    from .sources.caps import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_caps
-
-    caps = effective_caps()
-    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
-    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
-
-
 def cmd_run(args) -> int:
+    from .agent import Agent
+    from .sources.caps import can_load_bpf
     from .sources.select import open_source
 
-    if not _can_load_bpf():
+    if not can_load_bpf():
         raise SourceError("imds-tracer run needs root, or CAP_BPF and CAP_PERFMON "
                           "(this process has neither); see 'imds-tracer doctor'")
     config = _config(args)
-    # outputs first: a taken metrics port or an unwritable log dir fails before the
-    # seconds BCC takes to compile
-    enricher = Enricher(parents=config.parents, owners=OwnerResolver())
-    pipeline, metrics = _build(config, backend=config.backend, console=config.console,
-                               metrics_addr=config.metrics_addr, enricher=enricher)
-    try:
-        source = open_source(config, config.backend)  # raises SourceError
-    except BaseException:
-        pipeline.close()
-        raise
-    metrics.set_backend(source.name)
-    enricher.lookup = getattr(source, "lookup_process", None)
-    flags = {"stop": False, "reopen": False}
-    signal.signal(signal.SIGTERM, lambda *_: flags.__setitem__("stop", True))
-    signal.signal(signal.SIGINT, lambda *_: flags.__setitem__("stop", True))
-    signal.signal(signal.SIGHUP, lambda *_: flags.__setitem__("reopen", True))
-    try:
-        probes = source.start()
-        if probes <= 0:
-            raise SourceError(f"backend {source.name} attached no probe; "
-                              "run 'imds-tracer doctor'")
-        # the watch starts now: from here on the evidence file records it
-        pipeline.sinks.append(EvidenceSink(config.log_dir))
-        print(f"ready backend={source.name} probes={probes}", file=sys.stderr, flush=True)
-        log.info("capturing requests to %s on port(s) %s with the %s backend",
-                 ", ".join(config.addresses), ", ".join(map(str, config.ports)), source.name)
-        sd_notify("READY=1\nSTATUS=capturing with the %s backend" % source.name)
-        while not flags["stop"]:
-            pipeline.take(source.poll(200))
-            pipeline.tick(time.time())
-            if flags["reopen"]:
-                flags["reopen"] = False
-                pipeline.reopen()
-                log.info("log files reopened (SIGHUP)")
-    finally:
-        sd_notify("STOPPING=1")
-        source.stop()
-        pipeline.flush(time.time())
-        pipeline.close()
-    return EXIT_OK
+    agent = Agent(config, backend=config.backend, console=config.console,
+                  metrics_addr=config.metrics_addr,
+                  open_source=lambda: open_source(config, config.backend), enrich=True)
+    return agent.run()
 
 
 def cmd_report(args) -> int:
     from . import report
 
     config = _config(args)
-    since = report.parse_since(args.since)
-    summary = report.summarise(config.log_dir, since)
     render = report.render_json if args.json else report.render_text
-    return render(summary, since)
+    try:
+        since = report.parse_since(args.since)
+        return render(report.summarise(config.log_dir, since), since)
+    except report.ReportError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_cgroup2(args) -> int:
@@ -308,7 +188,7 @@ def main(argv=None) -> int:
         command = {"run": cmd_run, "replay": cmd_replay, "report": cmd_report,
                    "cgroup2": cmd_cgroup2, "doctor": cmd_doctor}[args.command]
         return command(args)
-    except (UsageError, ConfigError, SourceError, MetricsError, ReportError) as exc:
+    except (UsageError, ConfigError, SourceError) as exc:   # MetricsError is a ConfigError
         print(f"imds-tracer: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -11,9 +11,12 @@ import os
 import re
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from .model import Container, Owner, ProcessInfo, ProcessSnapshot
-from .owner import OwnerResolver
+
+if TYPE_CHECKING:   # replay builds no enricher: owner.py is loaded by `run` only
+    from .owner import OwnerResolver
 
 CACHE_SIZE = 4096
 # A process seen within this many seconds is not read from /proc again: a busy client and

@@ -3,8 +3,12 @@
 A connection may carry several requests (keep-alive); one request may arrive in several
 chunks (several send() calls, several TCP segments, retransmitted or out of order when the
 source is a capture). Request bodies and response bodies are skipped by their length.
-Memory is bounded: at most `max_flows` connections, MAX_HEAD bytes buffered per direction,
-MAX_OUT_OF_ORDER segments held per direction.
+Memory is bounded: at most `max_flows` connections (a `ConnTable`: the least recently used
+is finished and counted as "flow_table_full" to make room), MAX_HEAD bytes buffered per
+direction, MAX_OUT_OF_ORDER segments held per direction.
+
+Data flows one way: every method returns what it completed, in order: `Exchange`s to log
+and `Dropped` counts; the pipeline handles them.
 
 Nothing lost blinds a connection: bytes that never come (a segment missing from a capture, a
 packet the kernel could not hand over) are given up on when more than MAX_OUT_OF_ORDER
@@ -16,12 +20,15 @@ at its blank line, when the connection closes, or when the connection has been i
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Hashable, List, Sequence, Union
 
 from . import http
-from .model import Chunk, Direction, Exchange, ProcessSnapshot
+from .conntable import ConnTable
+from .model import Chunk, Direction, Dropped, Exchange, ProcessSnapshot
+
+Finished = Sequence[Union[Exchange, Dropped]]   # what a FlowTable call completed, in order
 
 MAX_OUT_OF_ORDER = 64
 GAP_WAIT = 2.0        # seconds a hole in a stream is waited for before it is skipped
@@ -60,31 +67,41 @@ GAVE_UP_AFTER = 0.2  # seconds between a request and the client's FIN that mean 
 
 
 class FlowTable:
-    """Reassembles chunks. Finished exchanges go to `emit`; losses go to `drop(kind, n)`."""
+    """Reassembles chunks. Each call returns what it finished (`Finished`): exchanges to log
+    and drops to count, in the order they happened."""
 
-    def __init__(self, emit: Callable[[Exchange], None], drop: Callable[[str, int], None], *,
-                 response_wait: float = 2.0, flow_idle: float = 300.0,
+    def __init__(self, *, response_wait: float = 2.0, flow_idle: float = 300.0,
                  max_flows: int = 65536):
-        self._emit = emit
-        self._drop = drop
         self.response_wait = response_wait
         self.flow_idle = flow_idle
-        self.max_flows = max_flows
-        self._flows: OrderedDict[Hashable, _Flow] = OrderedDict()
+        self._flows: ConnTable[_Flow] = ConnTable(max_flows)
+        self._out: List[Union[Exchange, Dropped]] = []
 
     def __len__(self) -> int:
         return len(self._flows)
 
+    def _emit(self, exchange: Exchange) -> None:
+        self._out.append(exchange)
+
+    def _drop(self, kind: str) -> None:
+        self._out.append(Dropped(kind, 1))
+
+    def _finished(self) -> Finished:
+        out = self._out
+        if not out:
+            return ()
+        self._out = []
+        return out
+
     # -- input -------------------------------------------------------------------------
-    def feed(self, chunk: Chunk) -> None:
+    def feed(self, chunk: Chunk) -> Finished:
         key = chunk.flow
         flow = self._flows.get(key)
         if flow is None:
             if not chunk.data and not chunk.lost and chunk.seq is None:
-                return
+                return ()
             flow = self._open(chunk)
         else:
-            self._flows.move_to_end(key)
             flow.last_seen = chunk.ts
             if chunk.process is not None and chunk.direction is Direction.REQUEST:
                 flow.process = chunk.process  # a forked child may share the connection
@@ -94,9 +111,10 @@ class FlowTable:
             stream, consume = flow.response, self._consume_response
         if chunk.seq is None:  # a kernel source: the bytes come in order, once
             consume(flow, key, stream, chunk.data, chunk.lost, chunk.ts)
-            return
-        for data, lost in self._in_order(stream, chunk):
-            consume(flow, key, stream, data, lost, chunk.ts)
+        else:
+            for data, lost in self._in_order(stream, chunk):
+                consume(flow, key, stream, data, lost, chunk.ts)
+        return self._finished()
 
     def _skip_gaps(self, flow: _Flow, key, ts: float, now: float | None = None) -> None:
         """Give up on the bytes missing before held segments (all of them, or those waited
@@ -107,13 +125,14 @@ class FlowTable:
                 for data, lost in self._skip_gap(stream):
                     consume(flow, key, stream, data, lost, ts)
 
-    def close(self, key: Hashable, ts: float) -> None:
+    def close(self, key: Hashable, ts: float) -> Finished:
         """The connection ended: whatever it still holds is logged now."""
-        flow = self._flows.pop(key, None)
+        flow = self._flows.pop(key)
         if flow is not None:
             self._finish(key, flow)
+        return self._finished()
 
-    def client_gave_up(self, key: Hashable, ts: float) -> None:
+    def client_gave_up(self, key: Hashable, ts: float) -> Finished:
         """The client closed its side (FIN) while requests wait for an answer: one it waited
         GAVE_UP_AFTER for is logged now as unanswered (the client timed out; what it does
         next, e.g. a token-less fallback, must come after it in the log). A response that
@@ -121,17 +140,18 @@ class FlowTable:
         after sending (shutdown(SHUT_WR)) keeps waiting for its answer."""
         flow = self._flows.get(key)
         if flow is None:
-            return
+            return ()
         for entry in flow.pending:
             if not entry[1] and ts - entry[0].ts >= GAVE_UP_AFTER:
                 entry[1] = True
                 self._emit(entry[0])
+        return self._finished()
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> Finished:
         """Log requests whose response did not come in time; skip holes waited for long
         enough; forget idle connections (logging a head they left unfinished)."""
         idle = []
-        for key, flow in list(self._flows.items()):
+        for key, flow in self._flows.items():
             if now - flow.last_seen >= self.flow_idle:
                 idle.append(key)
                 continue
@@ -142,21 +162,22 @@ class FlowTable:
                     entry[1] = True
                     self._emit(entry[0])
         for key in idle:
-            self.close(key, now)
+            self._finish(key, self._flows.pop(key))
+        return self._finished()
 
-    def flush(self) -> None:
+    def flush(self) -> Finished:
         """End of input: log everything still held."""
-        for key in list(self._flows):
-            self.close(key, 0.0)
+        for key in self._flows.keys():
+            self._finish(key, self._flows.pop(key))
+        return self._finished()
 
     # -- internals ---------------------------------------------------------------------
     def _open(self, chunk: Chunk) -> _Flow:
-        if len(self._flows) >= self.max_flows:
-            old_key, old = self._flows.popitem(last=False)
-            self._drop("flow_table_full", 1)
-            self._finish(old_key, old)
         flow = _Flow(chunk.dst_ip, chunk.dst_port, chunk.source, chunk.process, chunk.ts)
-        self._flows[chunk.flow] = flow
+        evicted = self._flows.put(chunk.flow, flow)
+        if evicted is not None:
+            self._drop("flow_table_full")
+            self._finish(*evicted)
         return flow
 
     def _in_order(self, stream: _Stream, chunk: Chunk):
@@ -186,7 +207,7 @@ class FlowTable:
         consumers resync after them), then what the held segments make whole."""
         seq = min(stream.held, key=lambda s: (s - stream.next_seq) % SEQ_MOD)
         gap = (seq - stream.next_seq) % SEQ_MOD
-        self._drop("stream_gap", 1)
+        self._drop("stream_gap")
         stream.next_seq = seq
         stream.gap = True
         yield b"", gap

@@ -59,9 +59,28 @@ class ClientGaveUp:
     ts: float
 
 
+# What the agent can lose or cut, by kind: a closed set. `Pipeline.drop` refuses any other
+# name (a programming error, caught by tests/unit/test_drop_kinds.py, never a new metric label
+# at run time), and every kind is a metric series from start-up: event losses as
+# imds_tracer_lost_events_total{stage} (LOST_STAGES), the rest as imds_tracer_dropped_total.
+DROP_KINDS = frozenset({
+    "kernel_lost",        # events the kernel could not hand over (buffer full, output failed)
+    "user_lost",          # events user space could not take in (no such queue today: 0)
+    "event_error",        # an event that could not be decoded
+    "payload_truncated",  # a send longer than capture.max_payload: its end not copied
+    "head_truncated",     # a request head logged without all of its bytes
+    "stream_gap",         # bytes of a stream that never came: skipped to the next message
+    "flow_table_full",    # a connection pushed out to keep flows.max_flows
+    "log_write",          # a trace-log or JSON line that could not be written
+    "stale_fd",           # kernel: a tracked fd found stale after exec/exit, forgotten
+    "argv_truncated",     # kernel: an exec argv longer than the kernel's cache holds
+})
+LOST_STAGES = {"kernel_lost": "kernel", "user_lost": "user"}
+
+
 @dataclass(frozen=True)
 class Dropped:
-    """`count` things of `kind` were lost or cut before the pipeline saw them."""
+    """`count` things of `kind` (one of DROP_KINDS) were lost or cut."""
     kind: str
     count: int
     detail: str = ""

@@ -12,15 +12,15 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from typing import Hashable, Iterable, Protocol
+from typing import Iterable, Protocol
 
 from . import clients
 from .classify import classify, reads_of
 from .config import Config
 from .enrich import RECENT_TTL, Enricher
 from .fallback import FallbackTracker
-from .flows import FlowTable
-from .model import Chunk, ClientGaveUp, Exchange, FlowClosed, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
+from .flows import Finished, FlowTable
+from .model import DROP_KINDS, Chunk, ClientGaveUp, Exchange, FlowClosed, ProcessInfo, ProcessSnapshot, RequestHead, RequestRecord
 from .redact import escape_fields, redact_argv, redact_header, redact_raw, redact_url
 
 log = logging.getLogger("imds_tracer")
@@ -60,8 +60,8 @@ class Pipeline:
         self.sinks = list(sinks)
         self.cloud = cloud
         self.enricher = enricher
-        self.flows = FlowTable(self._exchange, self.drop, response_wait=config.response_wait,
-                               flow_idle=config.flow_idle, max_flows=config.max_flows)
+        self.flows = FlowTable(response_wait=config.response_wait, flow_idle=config.flow_idle,
+                               max_flows=config.max_flows)
         self.requests = 0
         self.drop_totals: Counter = Counter()
         self._unreported: Counter = Counter()
@@ -73,36 +73,34 @@ class Pipeline:
 
     # -- what sources read ------------------------------------------------------------
     def take(self, items: Iterable) -> None:
-        """A source's poll, in order (see sources/base.py)."""
+        """What a source read, in order (see sources/base.py): the one way in."""
+        flows = self.flows
         for item in items:
-            if isinstance(item, Chunk):
-                self.flows.feed(item)
-            elif isinstance(item, FlowClosed):
-                self.flows.close(item.flow, item.ts)
-            elif isinstance(item, ClientGaveUp):
-                self.flows.client_gave_up(item.flow, item.ts)
+            kind = type(item)
+            if kind is Chunk:
+                done = flows.feed(item)
+            elif kind is FlowClosed:
+                done = flows.close(item.flow, item.ts)
+            elif kind is ClientGaveUp:
+                done = flows.client_gave_up(item.flow, item.ts)
             else:
                 self.drop(item.kind, item.count, item.detail)
-
-    def feed(self, chunk: Chunk) -> None:
-        self.flows.feed(chunk)
-
-    def close_flow(self, flow: Hashable, ts: float) -> None:
-        self.flows.close(flow, ts)
-
-    def client_gave_up(self, flow: Hashable, ts: float) -> None:
-        self.flows.client_gave_up(flow, ts)
+                continue
+            if done:
+                self._finished(done)
 
     def tick(self, now: float) -> None:
         """After each poll of a source (and once a second of capture time in replay)."""
         self._now = now
-        self.flows.tick(now)
+        self._finished(self.flows.tick(now))
         if self._unreported and now - self._last_drop_report >= DROP_REPORT_INTERVAL:
             self._report_drops(now)
         self._write_out()
 
     def drop(self, kind: str, count: int = 1, detail: str = "") -> None:
         """Something was lost or cut: counted, told to the sinks, never silent."""
+        if kind not in DROP_KINDS:
+            raise ValueError(f"unknown drop kind {kind!r} (add it to model.DROP_KINDS)")
         if count <= 0:
             return
         self.drop_totals[kind] += count
@@ -115,7 +113,7 @@ class Pipeline:
             log.debug("dropped %d (%s): %s", count, kind, detail)
 
     def flush(self, now: float | None = None) -> None:
-        self.flows.flush()
+        self._finished(self.flows.flush())
         self._write_out()  # a log write failing now is in the summary below
         if self._unreported:
             if now is None:
@@ -178,6 +176,14 @@ class Pipeline:
         self._last_drop_report = now
         for sink in self.sinks:
             sink.drops(counts, now)
+
+    def _finished(self, done: Finished) -> None:
+        """What reassembly completed: exchanges to log, drops to count."""
+        for item in done:
+            if type(item) is Exchange:
+                self._exchange(item)
+            else:
+                self.drop(item.kind, item.count)
 
     def _exchange(self, exchange: Exchange) -> None:
         record = self.record(exchange)

@@ -22,8 +22,8 @@ EXIT_SAFE, EXIT_NOT_SAFE, EXIT_ERROR, EXIT_UNSURE = 0, 1, 2, 3
 WORDS = {EXIT_SAFE: "safe", EXIT_NOT_SAFE: "not-safe", EXIT_UNSURE: "not-enough-evidence"}
 GAP_TOLERANCE = 600.0   # seconds the agent may be away (a restart, an upgrade) unremarked
 # drops that can hide a request from the verdict; cut heads and long sends are still logged
-LOSS_KINDS = frozenset({"kernel_lost", "user_lost", "stream_gap", "out_of_order_overflow",
-                        "flow_table_full", "log_write", "event_error"})
+LOSS_KINDS = frozenset({"kernel_lost", "user_lost", "stream_gap", "flow_table_full",
+                        "log_write", "event_error"})
 
 
 @dataclass

@@ -50,7 +50,7 @@ family="" manager="" python=/usr/bin/python3 packages="" note=""
 if like debian || like ubuntu; then
 	family=debian manager=apt-get
 	packages="python3-bpfcc bpfcc-tools linux-headers-$kver python3-venv python3-psutil"
-	packages="$packages python3-prometheus-client python3-scapy"
+	packages="$packages python3-prometheus-client"
 	case "$id:$major" in
 	# a TOML parser where python3 is older than 3.11 (tomllib)
 	debian:11) packages="$packages python3-toml" ;;
@@ -65,7 +65,7 @@ elif [ "$id" = amzn ]; then
 	fi
 	family=al2023 manager=dnf
 	packages="bcc bcc-tools python3-bcc kernel-devel-$kver kernel-headers python3-pip python3-psutil"
-	note="prometheus-client and scapy come from PyPI into the venv (make deps)"
+	note="prometheus-client comes from PyPI into the venv (make deps)"
 elif like rhel || like centos || like fedora; then
 	el=$major
 	[ "$id" = alinux ] && el=$((major + 5))    # Alibaba Cloud Linux 3 is built from EL8
@@ -85,12 +85,12 @@ elif like rhel || like centos || like fedora; then
 		[ "$id" = fedora ] && family=fedora
 		packages="$packages python3-pip python3-psutil"
 	fi
-	note="prometheus-client and scapy come from PyPI into the venv (make deps; EPEL has them too)"
+	note="prometheus-client comes from PyPI into the venv (make deps; EPEL has them too)"
 elif like suse || like opensuse; then
 	# python3 is 3.6 and python3-bcc is built for it: the agent runs on python311
 	family=suse manager=zypper python=/usr/bin/python3.11
 	packages="bcc-tools python3-bcc kernel-default-devel kernel-devel python311 python311-pip"
-	note="psutil, prometheus-client and scapy come from PyPI into the venv (make deps)"
+	note="psutil, prometheus-client comes from PyPI into the venv (make deps)"
 else
 	say "$id $version_id (like: ${id_like:-nothing}) is not a distribution we know:" \
 		"install BCC's Python module, kernel headers and Python >= 3.9 yourself"

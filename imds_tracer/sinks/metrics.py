@@ -25,7 +25,8 @@ from prometheus_client.process_collector import ProcessCollector
 
 from .. import __version__
 from ..classify import PROVIDER_NAMES
-from ..model import RequestRecord
+from ..config import ConfigError
+from ..model import DROP_KINDS, LOST_STAGES, RequestRecord
 
 PROVIDERS = PROVIDER_NAMES  # one label set per provider of the table in classify.py
 MODES = ("normal", "hardened", "n/a", "unknown")
@@ -44,8 +45,8 @@ def _outcome(status: int | None) -> str:
     return "succeeded" if 200 <= status < 400 else "failed"
 
 
-class MetricsError(Exception):
-    pass
+class MetricsError(ConfigError):
+    """The metrics address cannot be served: a setting to change, said in one line."""
 
 
 class MetricsServer:
@@ -77,8 +78,9 @@ class MetricsServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
+            self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop:
@@ -218,10 +220,10 @@ class MetricsSink:
             self.problems.labels(problem)
         for outcome in ("succeeded", "refused", "failed", "unanswered"):
             self.outcomes.labels(outcome)
-        for stage in ("kernel", "user"):
-            self.lost.labels(stage)
-        for kind in ("payload_truncated", "head_truncated", "log_write", "flow_table_full"):
-            self.dropped.labels(kind)
+        # every drop kind is a series from the start, and the only ones (model.DROP_KINDS)
+        self._drop_counters = {
+            kind: self.lost.labels(LOST_STAGES[kind]) if kind in LOST_STAGES
+            else self.dropped.labels(kind) for kind in DROP_KINDS}
         self._server = None
 
     def set_backend(self, backend: str) -> None:
@@ -230,6 +232,12 @@ class MetricsSink:
         self.info.info(self._info)
 
     def serve(self, addr: str) -> None:
+        self.bind(addr)
+        self.start()
+
+    def bind(self, addr: str) -> None:
+        """Take the address (a taken port fails here, in one line); nothing is answered
+        before `start`."""
         host, _, port = addr.rpartition(":")
         host = host.strip("[]")
         try:
@@ -239,7 +247,11 @@ class MetricsSink:
             raise MetricsError(f"metrics address {addr}: {reason} "
                                "(change --metrics-addr or metrics.addr, \"\" turns it off)") \
                 from None
-        self._server.start()
+
+    def start(self) -> None:
+        """Answer on the bound address, from a thread of its own (none when not bound)."""
+        if self._server is not None:
+            self._server.start()
 
     @property
     def port(self) -> int | None:
@@ -281,12 +293,7 @@ class MetricsSink:
         return child
 
     def count_drop(self, kind: str, count: int) -> None:
-        if kind == "kernel_lost":
-            self.lost.labels("kernel").inc(count)
-        elif kind == "user_lost":
-            self.lost.labels("user").inc(count)
-        else:
-            self.dropped.labels(kind).inc(count)
+        self._drop_counters[kind].inc(count)
 
     def drops(self, counts: dict[str, int], ts: float) -> None:
         pass  # counted as they happen, in count_drop

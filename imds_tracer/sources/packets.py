@@ -1,4 +1,4 @@
-"""IP packets of metadata connections -> pipeline chunks. Shared by pcap replay and by the
+"""IP packets of metadata connections -> chunks, written to a `base.Batch`. Shared by pcap replay and by the
 cgroup backend, whose kernel program hands over packets as a capture would.
 
 Headers are unpacked with struct, and a packet not to or from a watched address is passed
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Hashable
 
+from ..conntable import ConnTable
 from ..model import Chunk, Direction, ProcessSnapshot
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
@@ -34,24 +34,25 @@ class _Conn:
 
 
 class TcpDemux:
-    """Turns TCP segments into chunks and connection ends into `close_flow` calls.
+    """Turns TCP segments into chunks and connection ends into closes, written to `out` (a
+    `sources.base.Batch`: feed / close_flow / client_gave_up).
 
     `scope` separates connections that share a 4-tuple (live: the socket cookie, since two
     network namespaces can use the same addresses at once; replay: None). At most `max_conns`
-    connections are followed; the oldest is closed to make room for a new one.
+    connections are followed (a `ConnTable`); the least recently used is closed to make room
+    for a new one.
     """
 
     def __init__(self, addresses, ports, source: str, max_conns: int = 65536):
         self.addresses = frozenset(ipaddress.ip_address(a).packed for a in addresses)
         self.ports = frozenset(int(p) for p in ports)
         self.source = source
-        self.max_conns = max(1, int(max_conns))
-        self._conns: OrderedDict[tuple, _Conn] = OrderedDict()
+        self._conns: ConnTable[_Conn] = ConnTable(max_conns)
 
     def __len__(self) -> int:
         return len(self._conns)
 
-    def ip_packet(self, data: bytes, off: int, version: int, ts: float, pipeline, *,
+    def ip_packet(self, data: bytes, off: int, version: int, ts: float, out, *,
                   scope: Hashable = None, process: ProcessSnapshot | None = None) -> bool:
         """One IP packet starting at data[off]. True when it belonged to a watched address."""
         if version == 4:
@@ -79,11 +80,11 @@ class TcpDemux:
         start = off + (doff >> 4) * 4
         payload = data[start:min(end, len(data))]
         lost = max(0, end - max(len(data), start))   # cut by the snap length / copy limit
-        self._segment(scope, src, sport, dst, dport, seq, flags, payload, lost, ts, pipeline,
+        self._segment(scope, src, sport, dst, dport, seq, flags, payload, lost, ts, out,
                       process)
         return True
 
-    def _segment(self, scope, src, sport, dst, dport, seq, flags, payload, lost, ts, pipeline,
+    def _segment(self, scope, src, sport, dst, dport, seq, flags, payload, lost, ts, out,
                  process) -> None:
         fwd = (scope, src, sport, dst, dport)
         rev = (scope, dst, dport, src, sport)
@@ -91,52 +92,51 @@ class TcpDemux:
         if flags & TCP_SYN:
             if not flags & TCP_ACK:                      # client -> server: a new connection
                 if conn is not None:
-                    self._end(conn, pipeline, ts)        # the 4-tuple is being reused
+                    self._end(conn, out, ts)             # the 4-tuple is being reused
                 if dst not in self.addresses or dport not in self.ports:
                     return
-                conn = self._new(fwd, dst, dport, pipeline, ts)
+                conn = self._new(fwd, dst, dport, out, ts)
                 direction = Direction.REQUEST
             elif conn is None:
                 return
             else:
                 direction = Direction.RESPONSE
             # data starts at SYN + 1: a segment arriving early is then held, not taken first
-            pipeline.feed(Chunk(conn.key, direction, b"", ts, conn.server_ip, conn.server_port,
-                                self.source, process, seq=(seq + 1) & 0xFFFFFFFF))
+            out.feed(Chunk(conn.key, direction, b"", ts, conn.server_ip, conn.server_port,
+                           self.source, process, seq=(seq + 1) & 0xFFFFFFFF))
             return
         if conn is None:
             if not payload and not lost:
                 return
             if dst in self.addresses and dport in self.ports:
-                conn = self._new(fwd, dst, dport, pipeline, ts)
+                conn = self._new(fwd, dst, dport, out, ts)
             elif src in self.addresses and sport in self.ports:
-                conn = self._new(rev, src, sport, pipeline, ts)
+                conn = self._new(rev, src, sport, out, ts)
             else:
                 return
         request = conn.key == fwd
         if payload or lost:
-            pipeline.feed(Chunk(conn.key, Direction.REQUEST if request else Direction.RESPONSE,
-                                bytes(payload), ts, conn.server_ip, conn.server_port,
-                                self.source, process, seq=seq, lost=lost))
+            out.feed(Chunk(conn.key, Direction.REQUEST if request else Direction.RESPONSE,
+                           bytes(payload), ts, conn.server_ip, conn.server_port,
+                           self.source, process, seq=seq, lost=lost))
         if flags & TCP_RST:
-            self._end(conn, pipeline, ts)
+            self._end(conn, out, ts)
         elif flags & TCP_FIN:
             if request:
                 conn.client_fin = True
-                pipeline.client_gave_up(conn.key, ts)
+                out.client_gave_up(conn.key, ts)
             else:
                 conn.server_fin = True
             if conn.server_fin:   # the server has answered all it will
-                self._end(conn, pipeline, ts)
+                self._end(conn, out, ts)
 
-    def _new(self, key: tuple, server: bytes, port: int, pipeline, ts: float) -> _Conn:
-        while len(self._conns) >= self.max_conns:
-            _key, oldest = self._conns.popitem(last=False)
-            pipeline.close_flow(oldest.key, ts)
+    def _new(self, key: tuple, server: bytes, port: int, out, ts: float) -> _Conn:
         conn = _Conn(key, str(ipaddress.ip_address(server)), port)
-        self._conns[key] = conn
+        evicted = self._conns.put(key, conn)
+        if evicted is not None:
+            out.close_flow(evicted[0], ts)
         return conn
 
-    def _end(self, conn: _Conn, pipeline, ts: float) -> None:
-        self._conns.pop(conn.key, None)
-        pipeline.close_flow(conn.key, ts)
+    def _end(self, conn: _Conn, out, ts: float) -> None:
+        self._conns.pop(conn.key)
+        out.close_flow(conn.key, ts)

@@ -1,24 +1,26 @@
-"""Replay: pcap / pcapng files (read with scapy's raw readers) into the same pipeline.
+"""Replay: pcap / pcapng files (sources/pcapfile.py) into batches for the same pipeline.
 
-Packets are not dissected by scapy: the link layer is unpacked here with struct, and the IP
-and TCP layers by `packets.TcpDemux`, the same code the cgroup backend feeds live packets to.
+The link layer is unpacked here with struct, and the IP and TCP layers by
+`packets.TcpDemux`, the same code the cgroup backend feeds live packets to.
 """
 from __future__ import annotations
 
-import logging
-import os
 import struct
 import sys
 import time
+import zlib
+from typing import Iterator, Optional, Tuple
 
-from .base import SourceError
+from .base import Batch, SourceError
 from .packets import TcpDemux
+from .pcapfile import CaptureError, open_capture, records
 
 # Link types (tcpdump.org/linktypes.html)
 LINK_NULL, LINK_ETHERNET, LINK_RAW, LINK_LOOP = 0, 1, 101, 108
 LINK_SLL, LINK_SLL2, LINK_IPV4, LINK_IPV6 = 113, 276, 228, 229
 ETH_IPV4, ETH_IPV6, ETH_VLAN, ETH_QINQ = 0x0800, 0x86DD, 0x8100, 0x88A8
 TICK_EVERY = 1.0   # seconds of capture time between pipeline ticks
+BATCH_PACKETS = 4096  # packets read before what they made goes to the pipeline
 # a packet stamped outside these (1900-01-01 .. 9999-12-31) makes the capture unreadable:
 # no sink could write the time of its request
 MIN_TS, MAX_TS = -2208988800.0, 253402214400.0
@@ -69,117 +71,86 @@ def _ip_payload(linktype: int, data: bytes) -> tuple[int, int] | None:
 
 
 class PcapReplay:
-    """Feeds the chunks of capture files to a pipeline. Not a live `Source`: it runs once."""
+    """Reads capture files into batches for `Pipeline.take`. Not a live `Source`: it runs
+    once over each file, and time is the capture's."""
     name = "replay"
 
-    def __init__(self, addresses, ports, progress: bool | None = None,
-                 max_conns: int = 65536):
+    def __init__(self, addresses, ports, max_conns: int = 65536):
         self.demux = TcpDemux(addresses, ports, "replay", max_conns)
-        self.progress = sys.stderr.isatty() if progress is None else progress
         self.stats = ReplayStats()
-        self._t0 = time.monotonic()
-        logging.getLogger("scapy").setLevel(logging.ERROR)
 
-    # -- files --------------------------------------------------------------------------
-    def replay(self, path: str, pipeline) -> None:
-        """Replay one file. Raises SourceError (one line) for unreadable or cut files,
-        after feeding every packet that could be read."""
-        from scapy.error import Scapy_Exception
-        from scapy.utils import RawPcapNgReader, RawPcapReader
-
+    def read(self, path: str) -> Iterator[Tuple[Batch, Optional[float]]]:
+        """(batch, tick) for one file, in capture order: `tick` is the capture time at which
+        the pipeline ticks after taking the batch (once per TICK_EVERY seconds of capture),
+        None between ticks (a batch holds at most BATCH_PACKETS packets). Raises
+        SourceError (one line) for an unreadable or cut file, after the batches of every
+        packet that could be read."""
         try:
-            size = os.path.getsize(path)
-            reader = RawPcapReader(path)
+            fh = open_capture(path)
         except OSError as exc:
             raise SourceError(f"{path}: {exc.strerror or exc}") from None
-        except (Scapy_Exception, EOFError, ValueError, struct.error) as exc:
-            raise SourceError(f"{path}: not a pcap or pcapng capture ({exc})") from None
-        ng = isinstance(reader, RawPcapNgReader)
-        consumed = 24  # pcap file header
-        cut = False
         try:
-            last_tick = None
-            for data, meta in reader:
-                if ng:
-                    ts = ((meta.tshigh << 32) | meta.tslow) / meta.tsresol
-                    linktype = meta.linktype
-                else:
-                    ts = meta.sec + meta.usec / (1e9 if reader.nano else 1e6)
-                    linktype = reader.linktype
-                    consumed += 16 + meta.caplen
-                    if len(data) < min(meta.caplen, 65535):
-                        cut = True
-                if not MIN_TS <= ts <= MAX_TS:
-                    raise ValueError(f"packet {self.stats.packets + 1} is stamped {ts:.0f} s "
-                                     "from 1970, outside the years 1900-9999")
-                self.packet(linktype, data, ts, pipeline)
-                if last_tick is None or ts - last_tick >= TICK_EVERY:
-                    pipeline.tick(ts)
-                    last_tick = ts
-        except (Scapy_Exception, struct.error, ValueError, OverflowError, IndexError,
-                MemoryError) as exc:
-            # older scapy (Debian 11's 2.4.4) raises IndexError on a mangled pcapng block and
-            # MemoryError on a record claiming gigabytes: the capture is unreadable there too
-            raise SourceError(f"{path}: unreadable after {self.stats.packets} packets "
-                              f"({exc})") from None
+            try:
+                stream = records(fh)
+            except CaptureError as exc:
+                raise SourceError(f"{path}: {exc}") from None
+            except (OSError, EOFError) as exc:   # a gzip file that is not one
+                raise SourceError(f"{path}: not a pcap or pcapng capture ({exc})") from None
+            yield from self._batches(path, stream)
         finally:
-            reader.close()
-            self._show_progress(pipeline, final=True)
-        if ng:
-            cut = cut or not _pcapng_complete(path, size)
-        elif not path.endswith(".gz") and consumed != size:
-            cut = True
-        if cut:
-            raise SourceError(f"{path}: truncated capture: the last record is cut short "
-                              f"({self.stats.packets} packets read before it)")
+            fh.close()
 
-    # -- packets ------------------------------------------------------------------------
-    def packet(self, linktype: int, data: bytes, ts: float, pipeline) -> None:
-        stats = self.stats
-        stats.packets += 1
-        if self.progress and stats.packets % 50000 == 0:
-            self._show_progress(pipeline)
+    def _batches(self, path: str, stream) -> Iterator[Tuple[Batch, Optional[float]]]:
+        stats, batch, last_tick, error = self.stats, Batch(), None, None
+        try:
+            for linktype, ts, data in stream:
+                if not MIN_TS <= ts <= MAX_TS:
+                    raise ValueError(f"packet {stats.packets + 1} is stamped {ts:.0f} s "
+                                     "from 1970, outside the years 1900-9999")
+                self.packet(linktype, data, ts, batch)
+                if last_tick is None or ts - last_tick >= TICK_EVERY:
+                    yield batch, ts
+                    batch, last_tick = Batch(), ts
+                elif stats.packets % BATCH_PACKETS == 0:
+                    yield batch, None
+                    batch = Batch()
+        except (CaptureError, EOFError) as exc:   # EOFError: a gzip stream cut short
+            error = (f"truncated capture: the last record is cut short ({stats.packets} "
+                     "packets read before it)") if getattr(exc, "cut", True) else \
+                f"unreadable after {stats.packets} packets ({exc})"
+        except (ValueError, OSError, zlib.error) as exc:   # a time out of range; a damaged
+            error = f"unreadable after {stats.packets} packets ({exc})"   # gzip stream
+        yield batch, None
+        if error:
+            raise SourceError(f"{path}: {error}")
+
+    def packet(self, linktype: int, data: bytes, ts: float, out: Batch) -> None:
+        self.stats.packets += 1
         where = _ip_payload(linktype, data)
         if where is None:
             return
         version, off = where
-        if self.demux.ip_packet(data, off, version, ts, pipeline):
-            stats.matched += 1
+        if self.demux.ip_packet(data, off, version, ts, out):
+            self.stats.matched += 1
 
-    def _show_progress(self, pipeline, final: bool = False) -> None:
-        if not self.progress:
+
+class Progress:
+    """The replay's progress line on stderr, when it is a terminal (or asked for)."""
+    EVERY = 50000   # packets between two lines
+
+    def __init__(self, enabled: Optional[bool]):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._t0 = time.monotonic()
+        self._next = self.EVERY
+
+    def show(self, stats: ReplayStats, requests: int, final: bool = False) -> None:
+        if not self.enabled or (not final and stats.packets < self._next):
             return
-        now = time.monotonic()
-        rate = self.stats.packets / max(now - self._t0, 1e-6)
-        sys.stderr.write(f"\rreplay: {self.stats.packets:,} packets, {self.stats.matched:,} "
-                         f"to metadata addresses, {pipeline.requests:,} requests, "
+        self._next = stats.packets + self.EVERY
+        rate = stats.packets / max(time.monotonic() - self._t0, 1e-6)
+        sys.stderr.write(f"\rreplay: {stats.packets:,} packets, {stats.matched:,} "
+                         f"to metadata addresses, {requests:,} requests, "
                          f"{rate:,.0f} packets/s")
         if final:
             sys.stderr.write("\n")
         sys.stderr.flush()
-
-
-def _pcapng_complete(path: str, size: int) -> bool:
-    """Walk the pcapng blocks by their lengths: do they end exactly at the end of file?"""
-    try:
-        with open(path, "rb") as fh:
-            shb = fh.read(12)
-            if shb[8:12] == b"\x4d\x3c\x2b\x1a":
-                endian = "<"
-            elif shb[8:12] == b"\x1a\x2b\x3c\x4d":
-                endian = ">"
-            else:
-                return False
-            pos = 0
-            while pos < size:
-                fh.seek(pos + 4)
-                raw = fh.read(4)
-                if len(raw) < 4:
-                    return False
-                length = struct.unpack(endian + "I", raw)[0]
-                if length < 12 or length % 4:
-                    return False
-                pos += length
-            return pos == size
-    except OSError:
-        return False

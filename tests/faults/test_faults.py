@@ -5,7 +5,7 @@ nothing silently (imds_tracer_dropped_total / imds_tracer_lost_events_total) and
 The live tests run `python -m imds_tracer run --backend tracepoint` with real clients in a
 throw-away network namespace (tests.lab) and need root + BPF: they skip with the reason
 elsewhere and fail instead when IMDS_TRACER_REQUIRE_KERNEL=1. The replay tests exercise the
-same sinks through `imds-tracer replay` and the pipeline API (the tmpfs ones need root).
+same sinks through `imds-tracer replay` and the Agent (imds_tracer.agent) (the tmpfs ones need root).
 
 Other sessions may run metadata clients on this machine at the same time: every request a
 test makes has a unique path, and only those are counted.
@@ -28,9 +28,8 @@ from pathlib import Path
 import pytest
 
 from imds_tracer import report
-from imds_tracer.cli import _build
+from imds_tracer.agent import Agent
 from imds_tracer.config import Config
-from imds_tracer.sources.replay import PcapReplay
 from tests.lab.agent import AgentProcess, free_port
 from tests.unprivileged import NOBODY, base_python
 
@@ -355,7 +354,12 @@ def test_evidence_outlives_rotation_a_kill_and_a_restart(lab, agents, tmp_path):
     small = "[log]\nmax_bytes = 4096\nbackups = 0\n"
     agent = agents(log_dir=log_dir, config=small).start()
     marker = "fault-evidence-" + secrets.token_hex(4)
-    curl(lab, f"/latest/meta-data/{marker}")
+    # a curl of its own name: report's rows are per program, and an agent sees every
+    # normal-mode curl on the machine (another test run's too)
+    own_curl = tmp_path / f"curl-{marker}"
+    own_curl.symlink_to(shutil.which("curl"))
+    lab.run([str(own_curl), "-s", "-m", "5", "-o", "/dev/null",
+             f"http://{AWS_IP}/latest/meta-data/{marker}"], timeout=20)
     assert len(agent.wait_records(marker, 1, timeout=30)) == 1
     lab.run([PYTHON, "-c", HARDENED_BUSY], timeout=60, check=True)
     deadline = time.monotonic() + 30
@@ -376,7 +380,8 @@ def test_evidence_outlives_rotation_a_kill_and_a_restart(lab, agents, tmp_path):
                           cwd=REPO, timeout=60)
     data = json.loads(proc.stdout)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert [o["count"] for o in data["offenders"] if marker in o["argv"]] == [1]
+    assert [o["count"] for o in data["offenders"] if o["executable"] == own_curl.name] == [1], \
+        data["offenders"]
     assert data["coverage"]["agent_starts"] >= 2
 
 
@@ -397,20 +402,15 @@ def test_metrics_port_taken_is_a_one_line_error_at_start(agents):
 
 
 # -- the same faults through replay ---------------------------------------------------------
-def _replay(config: Config, pcaps, pipeline=None):
-    if pipeline is None:
-        pipeline, metrics = _build(config, backend="replay", console=False, metrics_addr=None,
-                                   enricher=None)
-    replay = PcapReplay(config.addresses, config.ports, progress=False)
+def _replay(agent: Agent, pcaps):
     for pcap in pcaps:
-        replay.replay(str(pcap), pipeline)
-    pipeline.flush(time.time())
-    return pipeline
+        agent.replay_file(str(pcap))
+    agent.pipeline.flush(time.time())
 
 
-def _dropped_log_writes(pipeline) -> float:
-    metrics = pipeline.sinks[0]
-    return metrics.registry.get_sample_value("imds_tracer_dropped_total", {"kind": "log_write"})
+def _dropped_log_writes(agent: Agent) -> float:
+    return agent.metrics.registry.get_sample_value("imds_tracer_dropped_total",
+                                                   {"kind": "log_write"})
 
 
 def test_replay_metrics_port_taken_is_a_one_line_error():
@@ -430,35 +430,34 @@ def test_replay_metrics_port_taken_is_a_one_line_error():
 
 def test_replay_log_dir_removed_between_files_is_recreated(tmp_path):
     config = Config(log_dir=str(tmp_path / "logs"), metrics_addr=None, console=False)
-    pipeline, _metrics = _build(config, backend="replay", console=False, metrics_addr=None,
-                                enricher=None)
-    _replay(config, [DATA / "aws.pcap"], pipeline)
+    agent = Agent(config, metrics=True)
+    _replay(agent, [DATA / "aws.pcap"])
     before = len(request_lines(tmp_path / "logs"))
     assert before > 0
     shutil.rmtree(tmp_path / "logs")
-    _replay(config, [DATA / "aliyun.pcap"], pipeline)
-    pipeline.close()
+    _replay(agent, [DATA / "aliyun.pcap"])
+    agent.close()
     assert len(request_lines(tmp_path / "logs")) > 0
     assert (os.stat(tmp_path / "logs").st_mode & 0o777) == 0o700
-    assert _dropped_log_writes(pipeline) == 0
+    assert _dropped_log_writes(agent) == 0
 
 
 def test_replay_into_a_full_disk_counts_and_recovers(tmp_path):
     with tmpfs(tmp_path / "small", "64k") as small:
         config = Config(log_dir=str(small / "logs"), metrics_addr=None, console=False)
-        pipeline, _metrics = _build(config, backend="replay", console=False,
-                                    metrics_addr=None, enricher=None)
+        agent = Agent(config, metrics=True)
+        pipeline = agent.pipeline
         # some lines first: the log's last page is partly used, so the disk fills up in the
         # middle of a line (a short write), not only between lines
-        _replay(config, [DATA / "aws.pcap"], pipeline)
+        _replay(agent, [DATA / "aws.pcap"])
         before = pipeline.requests
         filler = fill(small)
-        _replay(config, [DATA / "aws.pcap", DATA / "aliyun.pcap"], pipeline)
+        _replay(agent, [DATA / "aws.pcap", DATA / "aliyun.pcap"])
         assert pipeline.requests > before
-        assert _dropped_log_writes(pipeline) >= 1
+        assert _dropped_log_writes(agent) >= 1
         assert pipeline.drop_totals["log_write"] >= 1
         filler.unlink()
-        _replay(config, [DATA / "azure_gcp.pcap"], pipeline)
+        _replay(agent, [DATA / "azure_gcp.pcap"])
         pipeline.flush(time.time() + 60)
         pipeline.close()
         lines = request_lines(small / "logs")

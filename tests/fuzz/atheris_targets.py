@@ -17,10 +17,13 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
+    from imds_tracer.agent import Agent  # noqa: F401 - instrumented for pcap
     from imds_tracer.config import Config
     from imds_tracer.model import Chunk, Direction
     from imds_tracer.pipeline import Pipeline
+    from imds_tracer.sources.base import Batch
     from imds_tracer.sources.packets import TcpDemux
+    from imds_tracer.sources.pcapfile import records  # noqa: F401 - instrumented for pcap
     from imds_tracer.sources.replay import PcapReplay  # noqa: F401 - instrumented for pcap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: tests.*
@@ -51,8 +54,8 @@ def fuzz_http(data: bytes) -> None:
         chunk = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 600))
         lost = fdp.ConsumeIntInRange(0, 3) * fdp.ConsumeIntInRange(0, 5000)
         ts += fdp.ConsumeIntInRange(0, 3)
-        pipeline.feed(Chunk(flow, direction, chunk, ts, "169.254.169.254", 80, "fuzz",
-                            lost=lost))
+        pipeline.take([Chunk(flow, direction, chunk, ts, "169.254.169.254", 80, "fuzz",
+                             lost=lost)])
         pipeline.tick(ts)
     pipeline.flush()
     check(sink)
@@ -72,7 +75,9 @@ def fuzz_packets(data: bytes) -> None:
         ts += 0.5
         version = packet[0] >> 4 if packet else 0
         if version in (4, 6):
-            demux.ip_packet(packet, 0, version, ts, pipeline, scope=scope)
+            batch = Batch()
+            demux.ip_packet(packet, 0, version, ts, batch, scope=scope)
+            pipeline.take(batch)
         pipeline.tick(ts)
     pipeline.flush()
     check(sink)

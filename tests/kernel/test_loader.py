@@ -5,7 +5,7 @@ the capabilities it still needs.
 - the running agent's /proc/PID/status and maps: CapEff is the documented set (caps.AGENT_KEEPS,
   plus CAP_BPF on kernels that check bpf() map calls against unprivileged_bpf_disabled), the
   bounding and ambient sets follow, no_new_privs is set, libLLVM / libclang / libbcc are not
-  mapped; with that set it still names a client of another user (its executable) and obeys
+  mapped (in every thread); with that set it still names a client of another user (its executable) and obeys
   SIGHUP and SIGTERM;
 - a loader killed after attaching, before handing over, leaves nothing attached and gives
   one line;
@@ -116,10 +116,10 @@ def test_running_agent_keeps_only_what_it_needs(tmp_path, lab):
         assert agent.stop() == 0, agent.stderr()[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py starts the metrics endpoint's thread before the "
-                   "load; capabilities are per thread: the Agent (issue 12, other branch) must "
-                   "start its threads after select.open_source()")
 def test_every_thread_of_the_running_agent_dropped_its_capabilities(tmp_path):
+    """Capabilities are per thread: the Agent starts the metrics endpoint's thread only after
+    the source dropped them, so that thread (it parses what local processes send) holds no
+    more than the main one."""
     agent = AgentProcess(tmp_path, backend="cgroup").start()
     try:
         pid = agent.proc.pid

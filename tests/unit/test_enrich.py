@@ -107,7 +107,7 @@ def test_a_cached_parent_is_read_again_after_its_ttl(tmp_path, monkeypatch):
 def test_the_pipeline_describes_a_sender_once_per_ttl(monkeypatch):
     from imds_tracer.config import Config
     from imds_tracer.enrich import RECENT_TTL
-    from imds_tracer.model import Chunk, Direction, ProcessInfo
+    from imds_tracer.model import Chunk, Direction, FlowClosed, ProcessInfo
     from imds_tracer.pipeline import Pipeline
     clock = _Clock(monkeypatch)
     calls = []
@@ -130,16 +130,15 @@ def test_the_pipeline_describes_a_sender_once_per_ttl(monkeypatch):
     pipeline = Pipeline(Config(), [Sink()], enricher=CountingEnricher())
     snap = ProcessSnapshot(pid=42, comm="curl", ppid=1)
     for flow in range(3):
-        pipeline.feed(Chunk(flow, Direction.REQUEST, b"GET /latest/x HTTP/1.1\r\n\r\n", 0.0,
-                            "169.254.169.254", 80, "test", process=snap))
-        pipeline.close_flow(flow, 0.0)
+        pipeline.take([Chunk(flow, Direction.REQUEST, b"GET /latest/x HTTP/1.1\r\n\r\n", 0.0,
+                             "169.254.169.254", 80, "test", process=snap),
+                       FlowClosed(flow, 0.0)])
     assert calls == [42] and len(records) == 3
     # escaped and redacted, and the same objects for every request of the sender
     assert records[0].process.comm == "cu\\x1brl"
     assert records[0].process.argv[-1] == "Authorization: <redacted>"
     assert all(r.process is records[0].process for r in records)
     clock.now += RECENT_TTL
-    pipeline.feed(Chunk(9, Direction.REQUEST, b"GET /latest/x HTTP/1.1\r\n\r\n", 0.0,
-                        "169.254.169.254", 80, "test", process=snap))
-    pipeline.close_flow(9, 0.0)
+    pipeline.take([Chunk(9, Direction.REQUEST, b"GET /latest/x HTTP/1.1\r\n\r\n", 0.0,
+                         "169.254.169.254", 80, "test", process=snap), FlowClosed(9, 0.0)])
     assert calls == [42, 42]

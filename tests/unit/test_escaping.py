@@ -159,8 +159,8 @@ def test_a_cut_argv_ends_with_a_marker_in_every_output():
                                                   "drops": lambda *a: None})()])
     snap = ProcessSnapshot(pid=4_000_001, comm="curl", argv=("curl", "-s", "x" * 1200),
                            argv_truncated=True)
-    pipeline.feed(Chunk("f", Direction.REQUEST, b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n",
-                        time.time(), "169.254.169.254", 80, "kprobe", snap))
+    pipeline.take([Chunk("f", Direction.REQUEST, b"GET /cut HTTP/1.1\r\nHost: a\r\n\r\n",
+                         time.time(), "169.254.169.254", 80, "kprobe", snap)])
     pipeline.flush()
     (record,) = seen
     assert format_line(record).split(" argv:", 1)[1].split(")")[0].endswith(ARGV_CUT)

@@ -1,6 +1,6 @@
 from imds_tracer import http
 from imds_tracer.flows import FlowTable
-from imds_tracer.model import Chunk, Direction
+from imds_tracer.model import Chunk, Direction, Exchange
 
 REQ, RESP = Direction.REQUEST, Direction.RESPONSE
 GET = b"GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
@@ -10,16 +10,31 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
 class Recorder:
+    """A FlowTable and what its calls returned: exchanges in `out`, drop counts in `drops`."""
+
     def __init__(self, **kw):
         self.out, self.drops = [], {}
-        self.table = FlowTable(self.out.append, self.drop, **kw)
+        self.flows = FlowTable(**kw)
 
-    def drop(self, kind, n):
-        self.drops[kind] = self.drops.get(kind, 0) + n
+    def _keep(self, finished):
+        for item in finished:
+            if isinstance(item, Exchange):
+                self.out.append(item)
+            else:
+                self.drops[item.kind] = self.drops.get(item.kind, 0) + item.count
 
     def send(self, data, direction=REQ, flow=1, ts=0.0, seq=None, lost=0):
-        self.table.feed(Chunk(flow, direction, data, ts, "169.254.169.254", 80, "test",
-                              seq=seq, lost=lost))
+        self._keep(self.flows.feed(Chunk(flow, direction, data, ts, "169.254.169.254", 80,
+                                         "test", seq=seq, lost=lost)))
+
+    def tick(self, now):
+        self._keep(self.flows.tick(now))
+
+    def close(self, flow, ts):
+        self._keep(self.flows.close(flow, ts))
+
+    def flush(self):
+        self._keep(self.flows.flush())
 
     def summary(self):
         return [(e.head.method if e.head else None, e.head.target if e.head else None,
@@ -53,7 +68,7 @@ def test_body_split_across_chunks_does_not_become_a_request():
     r.send(head)
     r.send(body[:2])
     r.send(body[2:] + GET)
-    r.table.flush()
+    r.flush()
     assert [s[0] for s in r.summary()] == ["PUT", "GET"]
 
 
@@ -68,16 +83,16 @@ def test_retransmitted_and_out_of_order_segments_reassemble_once():
     r.send(parts[0], seq=seqs[0])   # retransmission
     r.send(parts[1], seq=seqs[1])
     r.send(parts[1] + parts[2], seq=seqs[1])  # overlapping retransmission
-    r.table.flush()
+    r.flush()
     assert r.summary() == [("GET", "/latest/meta-data/", None)]
 
 
 def test_unanswered_request_is_logged_after_the_wait_and_late_status_not_misassigned():
     r = Recorder(response_wait=2.0)
     r.send(GET, ts=10.0)
-    r.table.tick(11.0)
+    r.tick(11.0)
     assert r.out == []
-    r.table.tick(12.5)
+    r.tick(12.5)
     assert r.summary() == [("GET", "/latest/meta-data/", None)]
     r.send(GET, ts=13.0)
     r.send(OK, RESP, ts=13.1)   # the late answer to the first request
@@ -91,8 +106,8 @@ def test_close_logs_what_is_pending_and_junk_is_unparsed_once():
     r.send(b"\x16\x03\x01\x00\xa5junk", flow=2)
     r.send(b"more junk", flow=2)
     r.send(GET, flow=3)
-    r.table.close(3, 1.0)
-    r.table.close(2, 1.0)
+    r.close(3, 1.0)
+    r.close(2, 1.0)
     assert [(e.flow, e.head is None) for e in r.out] == [(2, True), (3, False)]
     assert r.out[0].raw.startswith(b"\x16\x03")
 
@@ -100,7 +115,7 @@ def test_close_logs_what_is_pending_and_junk_is_unparsed_once():
 def test_head_cut_by_the_capture_is_marked_truncated():
     r = Recorder()
     r.send(GET[:25], lost=500)
-    r.table.flush()
+    r.flush()
     assert len(r.out) == 1 and r.out[0].truncated and r.out[0].head.method == "GET"
 
 
@@ -109,7 +124,7 @@ def test_oversized_head_is_bounded():
     r.send(b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 40000)
     r.send(b"a" * 40000)        # the rest of the monster header: passed over, not buffered
     r.send(GET)
-    r.table.flush()
+    r.flush()
     assert [(e.head.target, e.truncated) for e in r.out] == [("/", True),
                                                              ("/latest/meta-data/", False)]
     assert len(r.out[0].head.header("x-pad")) <= 4096
@@ -119,7 +134,7 @@ def test_flow_table_is_capped_and_counts_evictions():
     r = Recorder(max_flows=16)
     for flow in range(20):
         r.send(GET, flow=flow)
-    assert len(r.table) == 16
+    assert len(r.flows) == 16
     assert r.drops == {"flow_table_full": 4}
     assert len(r.out) == 4  # evicted flows' requests are logged, not lost
 
@@ -127,8 +142,8 @@ def test_flow_table_is_capped_and_counts_evictions():
 def test_idle_flows_expire():
     r = Recorder(flow_idle=60.0)
     r.send(GET, ts=0.0)
-    r.table.tick(61.0)
-    assert len(r.table) == 0 and len(r.out) == 1
+    r.tick(61.0)
+    assert len(r.flows) == 0 and len(r.out) == 1
 
 
 def test_interim_100_continue_and_head_responses():
@@ -202,7 +217,7 @@ def _keepalive(r, count, skip=(), seq=1):
 def test_a_lost_segment_blinds_no_keep_alive_connection():
     r = Recorder()
     _keepalive(r, 100, skip={30})
-    r.table.flush()
+    r.flush()
     paths = [s[1] for s in r.summary()]
     assert len(paths) == 99 and "/latest/meta-data/030" not in paths
     assert paths[-1] == "/latest/meta-data/099"
@@ -214,11 +229,11 @@ def test_a_hole_waited_for_too_long_is_skipped_before_the_connection_ends():
     # are logged within seconds, not when the connection closes
     r = Recorder()
     seq = _keepalive(r, 3, skip={1})
-    r.table.tick(1.0)
+    r.tick(1.0)
     assert [s[1] for s in r.summary()] == []          # the hole may still fill
-    r.table.tick(0.02 + 2.5)
+    r.tick(0.02 + 2.5)
     r.send(GET.replace(b"meta-data/", b"meta-data/late"), seq=seq, ts=3.0)
-    r.table.tick(3.0 + 2.5)
+    r.tick(3.0 + 2.5)
     assert [s[1] for s in r.summary()] == ["/latest/meta-data/000", "/latest/meta-data/002",
                                            "/latest/meta-data/late"]
     assert r.drops == {"stream_gap": 1}
@@ -229,7 +244,7 @@ def test_the_request_a_hole_cuts_is_logged_truncated_and_the_next_one_found_insi
     two = GET.replace(b"meta-data/", b"meta-data/cut") + GET
     r.send(two[:20], seq=1)                     # "GET /latest/meta-da" ... then a hole
     r.send(two[40:], seq=41)                    # the rest of it, then a whole request
-    r.table.flush()
+    r.flush()
     assert [(e.head.target if e.head else None, e.truncated) for e in r.out] == \
         [("/latest/meta-dat", True), ("/latest/meta-data/", False)]
 
@@ -241,7 +256,7 @@ def test_responses_resync_at_the_next_status_line():
     r.send(GET, seq=1)
     r.send(OK[:10], RESP, seq=1)            # "HTTP/1.1 2", then bytes that never come
     r.send(OK[30:], RESP, seq=31)
-    r.table.tick(5.0)
+    r.tick(5.0)
     later = GET.replace(b"meta-data/", b"meta-data/later")
     r.send(later, seq=1 + len(GET), ts=6.0)
     r.send(OK.replace(b"200 OK", b"404 No"), RESP, seq=1 + len(OK), ts=6.1)
@@ -253,8 +268,8 @@ def test_responses_resync_at_the_next_status_line():
 def test_a_head_paused_in_the_middle_is_one_request():
     r = Recorder()
     r.send(b"GET /lates", ts=0.0)
-    r.table.tick(2.5)
-    r.table.tick(10.0)
+    r.tick(2.5)
+    r.tick(10.0)
     r.send(GET[len(b"GET /lates"):], ts=10.0)
     r.send(OK, RESP, ts=10.1)
     assert [(s, e.truncated) for s, e in zip(r.summary(), r.out)] == \
@@ -265,7 +280,7 @@ def test_a_byte_by_byte_sender_is_one_request_and_nothing_unparsed():
     r = Recorder()
     for i in range(len(GET)):
         r.send(GET[i:i + 1], ts=i * 0.5)
-        r.table.tick(i * 0.5 + 0.4)
+        r.tick(i * 0.5 + 0.4)
     r.send(OK, RESP, ts=len(GET) * 0.5)   # the wait for a response starts when the head ends
     assert r.summary() == [("GET", "/latest/meta-data/", 200)]
 
@@ -273,9 +288,9 @@ def test_a_byte_by_byte_sender_is_one_request_and_nothing_unparsed():
 def test_a_head_never_finished_is_logged_truncated_when_the_connection_goes_idle():
     r = Recorder(flow_idle=60.0)
     r.send(b"GET /latest/meta", ts=0.0)
-    r.table.tick(30.0)
+    r.tick(30.0)
     assert r.out == []
-    r.table.tick(61.0)
+    r.tick(61.0)
     assert [(e.head.target, e.truncated) for e in r.out] == [("/latest/meta", True)]
 
 
@@ -290,7 +305,7 @@ def test_after_lost_responses_no_request_gets_another_ones_status():
             r.send(answers[i], RESP, seq=rseq, ts=i + 0.5)
         seq += len(gets[i])
         rseq += len(answers[i])
-    r.table.flush()
+    r.flush()
     statuses = {s[1]: s[2] for s in r.summary()}
     assert statuses["/latest/meta-data/0"] == 201
     assert statuses["/latest/meta-data/1"] is None

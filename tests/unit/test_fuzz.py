@@ -12,14 +12,13 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from imds_tracer import http
+from imds_tracer.agent import Agent
 from imds_tracer.config import Config
 from imds_tracer.flows import MAX_OUT_OF_ORDER, FlowTable
-from imds_tracer.model import Chunk, Direction, RequestHead
-from imds_tracer.pipeline import Pipeline
+from imds_tracer.model import Chunk, Direction, Exchange, RequestHead
 from imds_tracer.redact import SHOWN_HEADERS, escape, redact_raw
 from imds_tracer.sinks.tracelog import format_line
 from imds_tracer.sources.base import SourceError
-from imds_tracer.sources.replay import PcapReplay
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SCALE = int(os.environ.get("IMDS_FUZZ_SCALE", "1"))  # e.g. 50 for a long soak run
@@ -193,12 +192,10 @@ def expected_heads(requests: list[bytes]) -> list[RequestHead]:
 
 
 def reassemble(chunks: list[Chunk]) -> list:
-    out, drops = [], []
-    table = FlowTable(out.append, lambda kind, n: drops.append(kind))
-    for chunk in chunks:
-        table.feed(chunk)
-    table.flush()
-    assert not drops, drops
+    table = FlowTable()
+    done = [item for chunk in chunks for item in table.feed(chunk)] + list(table.flush())
+    out = [item for item in done if isinstance(item, Exchange)]
+    assert len(out) == len(done), done   # nothing dropped
     assert not any(e.truncated for e in out)
     return [e.head for e in out]
 
@@ -250,18 +247,19 @@ def test_segments_reordered_and_duplicated_yield_the_same_requests(requests, dat
 def test_flow_table_survives_anything_and_holds_little(feeds):
     """Random bytes in both directions, with losses and several connections: no exception,
     every request head bounded, buffers bounded."""
-    out = []
-    table = FlowTable(out.append, lambda kind, n: None, max_flows=4)
+    done = []
+    table = FlowTable(max_flows=4)
     for i, (is_request, payload, lost, flow) in enumerate(feeds):
-        table.feed(Chunk(flow % 6, Direction.REQUEST if is_request else Direction.RESPONSE,
-                         payload, float(i), "169.254.169.254", 80, "test", lost=lost % 7))
-        table.tick(float(i))
+        done += table.feed(Chunk(flow % 6, Direction.REQUEST if is_request
+                                 else Direction.RESPONSE, payload, float(i),
+                                 "169.254.169.254", 80, "test", lost=lost % 7))
+        done += table.tick(float(i))
         assert len(table) <= 4
-        for f in table._flows.values():
+        for _key, f in table._flows.items():
             assert len(f.request.buf) <= http.MAX_HEAD + 3000
             assert len(f.response.buf) <= http.MAX_HEAD + 3000
-    table.flush()
-    for exchange in out:
+    done += table.flush()
+    for exchange in (item for item in done if isinstance(item, Exchange)):
         assert len(exchange.raw) <= 256
         if exchange.head is not None:
             assert len(exchange.head.headers) <= http.MAX_HEADERS
@@ -292,24 +290,24 @@ SEEDS = sorted(p.read_bytes() for p in DATA.glob("*.pcap*"))
 
 def _replay_bytes(blob: bytes):
     sink = _Lines()
-    pipeline = Pipeline(Config(), [sink])
-    replay = PcapReplay(Config().addresses, (80,), progress=False)
-    fd, path = tempfile.mkstemp(suffix=".pcap")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "x.pcap")
+        with open(path, "wb") as fh:
             fh.write(blob)
+        agent = Agent(Config(log_dir=tmp, cloud="none"))
+        pipeline = agent.pipeline
+        pipeline.sinks.append(sink)
         try:
-            replay.replay(path, pipeline)
+            agent.replay_file(path)
         except SourceError as exc:
             assert "\n" not in str(exc)
         pipeline.flush()
-    finally:
-        os.unlink(path)
-    assert pipeline.requests <= max(1, replay.stats.packets) * 2
+        agent.close()
+    assert pipeline.requests <= max(1, agent.replayed_packets) * 2
     for line in sink.lines:
         assert PRINTABLE.fullmatch(line), line
         assert len(line) < 40_000
-    return replay, sink
+    return agent, sink
 
 
 @SLOW
@@ -340,5 +338,5 @@ def test_pcap_reader_survives_random_records_after_a_valid_header(body):
 
 def test_seed_captures_still_replay():
     for seed in SEEDS:
-        replay, _sink = _replay_bytes(seed)
-        assert replay.stats.packets > 0
+        agent, _sink = _replay_bytes(seed)
+        assert agent.replayed_packets > 0

@@ -22,11 +22,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from imds_tracer import report
-from imds_tracer.cli import _build
+from imds_tracer.agent import Agent
 from imds_tracer.config import Config
 from imds_tracer.enrich import Enricher
 from imds_tracer.http import MAX_HEAD
-from imds_tracer.model import Chunk, Direction, ProcessSnapshot
+from imds_tracer.model import Chunk, Direction, FlowClosed, ProcessSnapshot
 from imds_tracer.sinks.tracelog import _field
 from imds_tracer.sinks.console import ConsoleSink
 
@@ -117,16 +117,15 @@ class Outputs:
         self.console = io.StringIO()
         config = Config(log_dir=str(self.log_dir), json=str(self.json), metrics_addr=None,
                         console=False)
-        self.pipeline, self.metrics = _build(config, backend="tracepoint", console=False,
-                                             metrics_addr=None, enricher=Enricher())
+        agent = Agent(config, backend="tracepoint", metrics=True, enrich=Enricher())
+        self.pipeline, self.metrics = agent.pipeline, agent.metrics
         self.pipeline.sinks.append(ConsoleSink(self.console))
 
     def feed(self, flow, data, dst, process, ts, response=True):
-        chunk = Chunk(flow, Direction.REQUEST, data, ts, dst, 80, "tracepoint", process=process)
-        self.pipeline.feed(chunk)
+        items = [Chunk(flow, Direction.REQUEST, data, ts, dst, 80, "tracepoint", process=process)]
         if response:
-            self.pipeline.feed(Chunk(flow, Direction.RESPONSE, OK, ts, dst, 80, "tracepoint"))
-        self.pipeline.close_flow(flow, ts)
+            items.append(Chunk(flow, Direction.RESPONSE, OK, ts, dst, 80, "tracepoint"))
+        self.pipeline.take(items + [FlowClosed(flow, ts)])
 
     def finish(self):
         self.pipeline.flush(time.time())

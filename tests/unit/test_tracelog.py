@@ -118,10 +118,9 @@ def test_json_file_is_rotated_and_private(tmp_path):
 
 def test_drop_summary_at_the_end_of_a_replay_carries_the_capture_time(tmp_path):
     # report reads these lines by time: one stamped 1970 would vanish from every window
-    from imds_tracer.cli import _build
+    from imds_tracer.agent import Agent
     from imds_tracer.config import Config
-    pipeline, _ = _build(Config(log_dir=str(tmp_path), metrics_addr=None), backend="replay",
-                         console=False, metrics_addr=None, enricher=None)
+    pipeline = Agent(Config(log_dir=str(tmp_path), metrics_addr=None)).pipeline
     pipeline.tick(1795000000.0)
     pipeline.drop("flow_table_full", 3)
     pipeline.flush()
@@ -197,18 +196,17 @@ def test_a_write_cut_short_keeps_whole_lines_and_counts_the_rest(tmp_path, monke
 
 
 def test_the_pipeline_writes_the_log_at_each_tick_and_at_shutdown(tmp_path):
-    from imds_tracer.cli import _build
+    from imds_tracer.agent import Agent
     from imds_tracer.config import Config
     from imds_tracer.model import Chunk, Direction
-    pipeline, _ = _build(Config(log_dir=str(tmp_path), metrics_addr=None), backend="replay",
-                         console=False, metrics_addr=None, enricher=None)
+    pipeline = Agent(Config(log_dir=str(tmp_path), metrics_addr=None)).pipeline
     log = tmp_path / "imds-trace.log"
 
     def request(flow, path):
-        pipeline.feed(Chunk(flow, Direction.REQUEST, b"GET " + path + b" HTTP/1.1\r\n\r\n",
-                            1795000000.0, "169.254.169.254", 80, "test"))
-        pipeline.feed(Chunk(flow, Direction.RESPONSE, b"HTTP/1.1 200 OK\r\n\r\n",
-                            1795000000.0, "169.254.169.254", 80, "test"))
+        pipeline.take([Chunk(flow, Direction.REQUEST, b"GET " + path + b" HTTP/1.1\r\n\r\n",
+                             1795000000.0, "169.254.169.254", 80, "test"),
+                       Chunk(flow, Direction.RESPONSE, b"HTTP/1.1 200 OK\r\n\r\n",
+                             1795000000.0, "169.254.169.254", 80, "test")])
 
     request(1, b"/latest/one")
     assert _lines(log) == []

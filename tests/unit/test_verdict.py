@@ -2,7 +2,7 @@
 rotated lines and restarts, and `report` exits 0 only for a whole, gap-free, loss-free watch
 with no normal-mode request; 3 when it saw none but cannot vouch for the window; 1 not safe.
 
-The agent side is the real pipeline (`cli._build`, the sinks `run` uses, the evidence sink)
+The agent side is the real pipeline (`agent.Agent`, the sinks `run` uses, the evidence sink)
 fed by real captures (tests/data); times of the watch are set through the sink's clock
 arguments, as a 14-day run cannot be waited for.
 """
@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 from imds_tracer import evidence, verdict
-from imds_tracer.cli import _build
+from imds_tracer.agent import Agent
 from imds_tracer.config import Config
-from imds_tracer.sources.replay import PcapReplay
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -40,13 +39,12 @@ def watch(log_dir: Path, pcaps=(), *, start: float, end: float, drops=None,
     as `run` writes it, the evidence sink as `run` adds it; captures replayed through it."""
     config = Config(log_dir=str(log_dir), log_max_bytes=max_bytes, log_backups=backups,
                     cloud="none")
-    pipeline, _metrics = _build(config, backend="replay", console=False, metrics_addr=None,
-                                enricher=None)
+    agent = Agent(config)
+    pipeline = agent.pipeline
     sink = evidence.EvidenceSink(str(log_dir), now=start)
     pipeline.sinks.append(sink)
-    replay = PcapReplay(config.addresses, config.ports, progress=False)
     for pcap in pcaps:
-        replay.replay(str(pcap), pipeline)
+        agent.replay_file(str(pcap))
     for kind, count in (drops or {}).items():
         pipeline.drop(kind, count)
     pipeline.flush(end)
