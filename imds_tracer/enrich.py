@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from . import procfs
 from .model import Container, Owner, ProcessInfo, ProcessSnapshot
 
 if TYPE_CHECKING:   # replay builds no enricher: owner.py is loaded by `run` only
@@ -23,7 +24,6 @@ CACHE_SIZE = 4096
 # its shell are read once a second, not once a request. (A pid reused within that second by
 # a program with the same comm is the only thing that could be misnamed.)
 RECENT_TTL = 1.0
-READ_MAX = 65536  # bytes of a /proc file read at once (argv longer than this is marked cut)
 
 # cgroup path patterns of the container runtimes, most specific first.
 _CONTAINER_PATTERNS = (
@@ -59,18 +59,6 @@ def container_from_cgroup(path: str) -> Container | None:
     return None
 
 
-def _cgroup2_mount(proc: str) -> str | None:
-    try:
-        with open(os.path.join(proc, "self/mountinfo")) as fh:
-            for line in fh:
-                left, _, right = line.partition(" - ")
-                if right.startswith("cgroup2 "):
-                    return left.split()[4]
-    except OSError:
-        pass
-    return None
-
-
 class Enricher:
     def __init__(self, parents: int = 3, proc: str = "/proc", lookup=None,
                  owners: OwnerResolver | None = None):
@@ -85,48 +73,8 @@ class Enricher:
         self._cgroup_paths: dict[int, str] = {}    # cgroup id (inode) -> path
         self._recent: dict[int, tuple] = {}        # pid -> (expires, _live result)
         self._containers: dict[int, Container | None] = {}  # cgroup id -> container
-        self._cgroup_root = _cgroup2_mount(proc)
-
-    # -- /proc readers (None when the process is gone or unreadable) --------------------
-    def _read(self, pid: int, name: str) -> bytes | None:
-        # os.open + one os.read: a third of the cost of open().read() and read per request;
-        # procfs hands over a whole file of this size in one read
-        try:
-            fd = os.open(f"{self.proc}/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            return os.read(fd, READ_MAX)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-
-    def _stat(self, pid: int) -> tuple[str, int, int] | None:
-        """(comm, ppid, starttime) from /proc/PID/stat."""
-        raw = self._read(pid, "stat")
-        if not raw:
-            return None
-        lpar, rpar = raw.find(b"("), raw.rfind(b")")
-        fields = raw[rpar + 2:].split()
-        try:
-            return raw[lpar + 1:rpar].decode("utf-8", "replace"), int(fields[1]), int(fields[19])
-        except (IndexError, ValueError):
-            return None
-
-    def _argv_info(self, pid: int) -> dict:
-        """argv and whether it was cut (one read of /proc/PID/cmdline holds READ_MAX)."""
-        raw = self._read(pid, "cmdline")
-        if not raw:
-            return {"argv": None}
-        argv = tuple(a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0"))
-        return {"argv": argv, "argv_truncated": len(raw) >= READ_MAX}
-
-    def _exe(self, pid: int) -> str | None:
-        try:
-            return os.readlink(f"{self.proc}/{pid}/exe")
-        except OSError:
-            return None
+        mounts = procfs.cgroup2_mounts(os.path.join(proc, "self/mountinfo"))
+        self._cgroup_root = mounts[0] if mounts else None
 
     def _live(self, pid: int) -> tuple[ProcessInfo, int] | None:
         """A live process, cached by (pid, start time) so pid reuse is not confused."""
@@ -142,7 +90,7 @@ class Enricher:
         return result
 
     def _read_live(self, pid: int) -> tuple[ProcessInfo, int] | None:
-        stat = self._stat(pid)
+        stat = procfs.stat(pid, self.proc)
         if stat is None:
             return None
         comm, ppid, start = stat
@@ -151,7 +99,9 @@ class Enricher:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        info = ProcessInfo(pid=pid, comm=comm, exe=self._exe(pid), **self._argv_info(pid))
+        argv, truncated = procfs.argv(pid, self.proc)
+        info = ProcessInfo(pid=pid, comm=comm, exe=procfs.exe(pid, self.proc), argv=argv,
+                           argv_truncated=truncated)
         self._cache[key] = (info, ppid)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -223,18 +173,7 @@ class Enricher:
         return container_from_cgroup(path) if path else None
 
     def _cgroup_of_pid(self, pid: int) -> str | None:
-        raw = self._read(pid, "cgroup")
-        if not raw:
-            return None
-        fallback = None
-        for line in raw.decode("utf-8", "replace").splitlines():
-            hier, _, rest = line.partition(":")
-            controllers, _, path = rest.partition(":")
-            if hier == "0" and controllers == "":
-                return path                      # the cgroup v2 line
-            if fallback is None or controllers.endswith("systemd"):
-                fallback = path
-        return fallback
+        return procfs.cgroup(pid, self.proc)
 
     def _cgroup_by_id(self, cgroup_id: int) -> str | None:
         """A gone process: find its cgroup directory by inode (cgroup v2 ids are inodes)."""

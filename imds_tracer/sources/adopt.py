@@ -17,6 +17,8 @@ import socket
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from .. import procfs
+
 # TCP states worth adopting: ESTABLISHED, SYN_SENT, CLOSE_WAIT (the server closed; the
 # client may still send)
 ADOPT_STATES = {"01", "02", "08"}
@@ -135,28 +137,18 @@ class Holder(NamedTuple):
     cgroup_id: int
 
 
-def holder(tgid: int, cgroup2_root: str | None, proc: Path = Path("/proc")) -> Holder | None:
+def holder(tgid: int, cgroup2_root: str | None, proc: str = procfs.PROC) -> Holder | None:
     """The process's ids as the kernel's helpers give them (uid: the real one; cgroup id: the
     inode of its cgroup v2 directory, 0 when unknown); None when it is gone."""
-    try:
-        status = Path(f"{proc}/{tgid}/status").read_text()
-        comm = Path(f"{proc}/{tgid}/comm").read_bytes().rstrip(b"\n")[:15]
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    try:
-        uid = int(fields["Uid"].split()[0])
-        ppid = int(fields["PPid"].split()[0])
-    except (KeyError, ValueError, IndexError):
+    stat, uid = procfs.stat(tgid, proc), procfs.uid(tgid, proc)
+    if stat is None or uid is None:
         return None
     cgroup_id = 0
-    if cgroup2_root:
+    path = procfs.cgroup(tgid, proc) if cgroup2_root else None
+    if path is not None:
         try:
-            for line in Path(f"{proc}/{tgid}/cgroup").read_text().splitlines():
-                if line.startswith("0::"):
-                    rel = line[3:].lstrip("/")
-                    cgroup_id = os.stat(os.path.join(cgroup2_root, rel)).st_ino
-                    break
+            cgroup_id = os.stat(os.path.join(cgroup2_root, path.lstrip("/"))).st_ino
         except OSError:
             pass
-    return Holder(tgid, uid, ppid, comm, cgroup_id)
+    comm = stat.comm.encode("utf-8", "replace")[:15]
+    return Holder(tgid, uid, stat.ppid, comm, cgroup_id)

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from .. import procfs
 from . import bpfsys, caps, helpers
 from ..model import FlowClosed
 from .events import EV_PACKET, F_OWNER_GUESSED, EventHeader
@@ -82,17 +83,7 @@ ROOT_CGROUP_INO = 1   # kernfs gives the root of the hierarchy inode 1 (its cgro
 
 def cgroup2_mounts(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
     """Mount points of cgroup v2 filesystems (/sys/fs/cgroup, or .../unified in hybrid mode)."""
-    try:
-        text = mountinfo.read_text()
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        if right.split()[:1] == ["cgroup2"] and len(fields) >= 5:
-            out.append(fields[4].replace("\\040", " "))
-    return out
+    return procfs.cgroup2_mounts(str(mountinfo))
 
 
 def cgroup2_root(mountinfo: Path = Path("/proc/self/mountinfo")) -> str | None:
@@ -244,8 +235,6 @@ class CgroupSource(KernelSource):
                 if ev.flags & F_OWNER_GUESSED:
                     self.stats["owner_guessed"] += 1
                 info = self._remember(ev, None)
-            else:
-                self._conns.move_to_end(ev.conn_id)
             process = self._snapshot(ev, info)
         before = len(self._out)
         self.demux.ip_packet(payload, 0, version, self.wall_time(ev.ts_ns), self._out,
@@ -254,4 +243,4 @@ class CgroupSource(KernelSource):
         # too (this backend has no close event; without this they stayed until evicted)
         for item in self._out[before:]:
             if isinstance(item, FlowClosed) and item.flow[0] == ev.conn_id:
-                self._conns.pop(ev.conn_id, None)
+                self._conns.pop(ev.conn_id)

@@ -8,6 +8,8 @@ import ctypes
 import ipaddress
 from pathlib import Path
 
+from .. import procfs
+
 # imds_tracer/bpf is a symlink to ../bpf in a checkout and a directory in an installed
 # package: found relative to this module, never to the working directory.
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -66,8 +68,4 @@ def addr_key_bytes(text: str) -> bytes:
     return addr.packed
 
 
-def split_argv(payload: bytes) -> tuple[str, ...]:
-    parts = payload.split(b"\0")
-    if parts and parts[-1] == b"":
-        parts.pop()
-    return tuple(p.decode("utf-8", "backslashreplace") for p in parts)
+split_argv = procfs.split_argv   # the kernel's exec cache holds argv as /proc does

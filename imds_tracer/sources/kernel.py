@@ -12,10 +12,10 @@ import logging
 import os
 import struct
 import time
-from collections import OrderedDict
-from pathlib import Path
 from typing import TYPE_CHECKING, Hashable, List
 
+from .. import procfs
+from ..conntable import ConnTable
 from ..model import Chunk, Direction, ProcessSnapshot
 from . import bpfsys, caps
 from .base import Batch, SourceError, SourceItem
@@ -32,22 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("imds_tracer")
 
 NOTE_EVERY = 60.0   # seconds between log lines about the kernel's bookkeeping counters
-
-
-def read_proc_argv(pid: int) -> tuple[str, ...] | None:
-    try:
-        data = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return split_argv(data) or None
-
-
-def read_proc_ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class ConnInfo:
@@ -88,8 +72,7 @@ class KernelSource:
         self._output = None
         self._loader: LoaderProcess | None = None
         self._out = Batch()   # what the current poll has read
-        self._conns: OrderedDict[int, ConnInfo] = OrderedDict()
-        self._max_conns = max(1024, int(getattr(config, "max_flows", 65536)))
+        self._conns: ConnTable[ConnInfo] = ConnTable(max(1024, int(config.max_flows)))
         self._counters_seen = [0] * CNT_SLOTS
         self._last_counter_read = 0.0
         self._last_note = 0.0
@@ -245,11 +228,7 @@ class KernelSource:
             self._on_connect(ev, payload)
         elif kind in (EV_SEND, EV_RECV):
             self.stats["sends" if kind == EV_SEND else "recvs"] += 1
-            info = self._conns.get(ev.conn_id)
-            if info is None:
-                info = self._remember(ev, None)
-            else:
-                self._conns.move_to_end(ev.conn_id)
+            info = self._conns.get(ev.conn_id) or self._remember(ev, None)
             self._out.feed(Chunk(
                 flow=info.flow,
                 direction=Direction.REQUEST if kind == EV_SEND else Direction.RESPONSE,
@@ -267,14 +246,14 @@ class KernelSource:
             if ev.conn_id:
                 self._close(ev.conn_id, ts)
             else:  # close_range: every tracked fd of the process in [fd, fd_last]
-                for conn_id, info in list(self._conns.items()):
+                for conn_id, info in self._conns.items():
                     if info.tgid == ev.tgid and ev.fd <= info.fd <= ev.fd_last:
                         self._close(conn_id, ts)
                         self._forget_kernel_fd(info.tgid, info.fd)
         elif kind == EV_TGID_RESET:
             self.stats["resets"] += 1
             ts = self.wall_time(ev.ts_ns)
-            for conn_id, info in list(self._conns.items()):
+            for conn_id, info in self._conns.items():
                 if info.tgid == ev.tgid:
                     self._close(conn_id, ts)
                     self._forget_kernel_fd(info.tgid, info.fd)
@@ -289,7 +268,7 @@ class KernelSource:
         if not ev.flags & F_NO_ARGV and payload:
             argv = split_argv(payload)
         # what /proc would have told us now: measures how much the exec-time cache matters
-        proc_argv = read_proc_argv(ev.tgid)
+        proc_argv = procfs.argv(ev.tgid).argv
         if proc_argv is None:
             self.stats["proc_argv_gone_at_connect"] += 1
         if argv is not None:
@@ -304,17 +283,16 @@ class KernelSource:
                        argv is not None and argv is not proc_argv)
 
     def _remember(self, ev: EventHeader, argv, truncated: bool = False) -> ConnInfo:
-        ppid = int(ev.ppid) or read_proc_ppid(ev.tgid)
+        ppid = int(ev.ppid) or procfs.ppid(ev.tgid)
         info = ConnInfo(self.flow_key(ev), ev.tgid, ev.fd, argv, ppid,
                         format_addr(bytes(ev.daddr)), int(ev.dport), truncated)
-        self._conns[ev.conn_id] = info
-        while len(self._conns) > self._max_conns:
-            _cid, evicted = self._conns.popitem(last=False)
-            self._out.close_flow(evicted.flow, time.time())
+        evicted = self._conns.put(ev.conn_id, info)
+        if evicted is not None:
+            self._out.close_flow(evicted[1].flow, time.time())
         return info
 
     def _close(self, conn_id: int, ts: float) -> None:
-        info = self._conns.pop(conn_id, None)
+        info = self._conns.pop(conn_id)
         if info is not None:
             self._out.close_flow(info.flow, ts)
 
@@ -323,7 +301,7 @@ class KernelSource:
 
     def _snapshot(self, ev: EventHeader, info: ConnInfo) -> ProcessSnapshot:
         if info.argv is None:
-            info.argv = self.kernel_argv(ev.tgid) or read_proc_argv(ev.tgid)
+            info.argv = self.kernel_argv(ev.tgid) or procfs.argv(ev.tgid).argv
         return ProcessSnapshot(
             pid=int(ev.tgid), tid=int(ev.tid), uid=int(ev.uid),
             comm=ev.comm.decode("utf-8", "backslashreplace"),

@@ -236,8 +236,8 @@ def test_short_lived_processes_have_argv(source, lab):
     with_argv = [c for c in reqs if c.process.argv and c.process.argv[-1].endswith(
         c.data.split(b" ")[1].decode())]
     gone = source.stats["proc_argv_gone_at_connect"] - stats_before["proc_argv_gone_at_connect"]
-    from imds_tracer.sources.kernel import read_proc_argv
-    alive_after = sum(1 for c in reqs if read_proc_argv(c.process.pid) is not None)
+    from imds_tracer import procfs
+    alive_after = sum(1 for c in reqs if procfs.argv(c.process.pid).argv is not None)
     print(f"short-lived curl: {len(reqs)}/{runs} requests seen, {len(with_argv)} with the right "
           f"argv from the exec-time cache; /proc/PID/cmdline was already gone for {gone} "
           f"connect events when user space handled them, and for {len(reqs) - alive_after}/"
