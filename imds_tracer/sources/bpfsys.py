@@ -118,14 +118,7 @@ class BpfMap:
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value (for a per-CPU map: every CPU's, concatenated 8-aligned), or None."""
-        attr, _keep = self._attr(key)
-        try:
-            bpf(MAP_LOOKUP_ELEM, attr)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return self._value.raw
+        return self._value.raw if self._present(MAP_LOOKUP_ELEM, key) else None
 
     def lookup_percpu_u64(self, key: bytes) -> int:
         """Sum over CPUs of a per-CPU u64 value (0 when absent)."""
@@ -141,9 +134,13 @@ class BpfMap:
         bpf(MAP_UPDATE_ELEM, attr)
 
     def delete(self, key: bytes) -> bool:
+        return self._present(MAP_DELETE_ELEM, key)
+
+    def _present(self, cmd: int, key: bytes) -> bool:
+        """`cmd` on `key`; False when the map has no such key (ENOENT)."""
         attr, _keep = self._attr(key)
         try:
-            bpf(MAP_DELETE_ELEM, attr)
+            bpf(cmd, attr)
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return False

@@ -68,16 +68,16 @@ def _documented_set() -> int:
     return caps.AGENT_KEEPS | (1 << caps.CAP_BPF if needs_bpf else 0)
 
 
-def _map_ids_of(pid: int) -> set[int]:
+def _fdinfo_ids(pid: int, field: str) -> set[int]:
+    """The `field` ids (map_id, prog_id) of the BPF objects process `pid` holds descriptors of
+    (its /proc/PID/fdinfo)."""
     out = set()
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
             text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
         except OSError:
             continue
-        match = re.search(r"^map_id:\s*(\d+)", text, re.M)
-        if match:
-            out.add(int(match.group(1)))
+        out.update(int(m) for m in re.findall(rf"^{field}:\s*(\d+)", text, re.M))
     return out
 
 
@@ -138,17 +138,6 @@ def _our_cgroup_hooks() -> set[int]:
     return {p["id"] for p in json.loads(out.strip() or "[]") if p.get("name", "").startswith("imds_")}
 
 
-def _programs_held_by(pid: int) -> set[int]:
-    """Ids of the BPF programs process `pid` holds a program or link descriptor of (its
-    /proc/PID/fdinfo: prog_id)."""
-    out = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        out.update(int(m) for m in re.findall(r"^prog_id:\s*(\d+)", text, re.M))
-    return out
 
 
 def test_loader_killed_after_attaching_leaves_nothing_attached(monkeypatch):
@@ -163,7 +152,7 @@ def test_loader_killed_after_attaching_leaves_nothing_attached(monkeypatch):
         assert time.monotonic() < deadline, "the loader attached nothing"
         assert running._proc.poll() is None, "the loader exited"
         time.sleep(0.05)
-        mine = _our_cgroup_hooks() & _programs_held_by(running._proc.pid)
+        mine = _our_cgroup_hooks() & _fdinfo_ids(running._proc.pid, "prog_id")
     running._proc.kill()
     with pytest.raises(SourceError) as info:
         running.receive()
@@ -181,7 +170,7 @@ def test_killed_agent_leaves_no_program_alive(tmp_path):
     after SIGKILL means nothing of it is left in the kernel."""
     agent = AgentProcess(tmp_path, backend="cgroup").start()
     try:
-        ids = _map_ids_of(agent.proc.pid)
+        ids = _fdinfo_ids(agent.proc.pid, "map_id")
         assert len(ids) >= 4 and ids <= live_map_ids()
         agent.send_signal(signal.SIGKILL)
     finally:
