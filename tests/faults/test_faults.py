@@ -126,8 +126,10 @@ def agents(tmp_path):
 
 
 def curl(lab, path: str) -> None:
-    lab.run(["curl", "-s", "-m", "5", "-o", "/dev/null", f"http://{AWS_IP}{path}"],
-            timeout=20)
+    """One normal-mode GET that must have been answered (else the test says so, not later as
+    a missing record)."""
+    lab.run(["curl", "-sS", "-m", "10", "-o", "/dev/null", f"http://{AWS_IP}{path}"],
+            timeout=30, check=True)
 
 
 SILENT_SERVER = f"""
