@@ -1,11 +1,11 @@
 """Cost per kernel: in each kernel-lab guest (tests/matrix), the unrelated-send overhead of
 the backend `--backend auto` picks there, as a ratio inside one guest run (TCG makes absolute
 times meaningless): bench/kernel_bench.py --only overhead --bracket (runs without the agent,
-with it, without again; one agent start, which takes a minute of BCC compiling under TCG).
+with it, without again; one agent start, 14-21 s under TCG).
 
 Prints one JSON line per cell; each guest's files stay in $IMDS_TRACER_LAB_CACHE/runs/bench-<cell>/.
 
-    sudo .venv/bin/python bench/matrix_bench.py [--rounds 3] [CELL...]     # make bench-matrix
+    sudo .venv/bin/python bench/matrix_bench.py [--rounds 7] [CELL...]     # make bench-matrix
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ export PYTHONPATH=/lab/src PYTHONDONTWRITEBYTECODE=1 IMDS_TRACER_SLOW={slow}
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("cells", nargs="*", default=[n for n, c in CELLS.items() if c.cgroup == "v2"])
     args = parser.parse_args(argv)
     for name in args.cells:
