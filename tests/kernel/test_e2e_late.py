@@ -53,4 +53,5 @@ def test_agent_started_after_the_connection_opened(lab, tmp_path, backend_name):
         assert [r["path"] for r in recs[ip]] == [
             "/latest/meta-data/ami-id", "/latest/meta-data/hostname"], \
             (ip, client_pids, "all records (pid, comm, dst, path):", logged)
-        assert all(r["dst_ip"] == ip and r["status"] == 200 for r in recs[ip]), recs[ip]
+        assert all(r["dst_ip"] == ip and r["status"] == 200 for r in recs[ip]), \
+            (ip, [(r["dst_ip"], r["status"], r.get("truncated"), r.get("pid")) for r in recs[ip]])
