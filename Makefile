@@ -35,14 +35,13 @@ deps: venv
 run: deps
 	$(VENV)/bin/imds-tracer run $(ARGS)
 
-# everything: unit, replay, faults, packaging, this kernel's tests, then the kernel lab's
-# Debian 11/12/13 guests (tests/matrix; their kernels and roots are cached outside the clone)
+# unit, replay, faults, packaging and this kernel's tests. The kernel lab's Debian 11/12/13
+# guests (tests/matrix) run in `make test-matrix`, not here until the Debian 12 (6.1) cell's
+# late-start test stops failing intermittently (README)
 test: deps
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
-
-# this host only, without the qemu guests (about 7 minutes instead of about 45)
-test-host: deps
 	$(PY) -m pytest -ra --ignore=tests/matrix $(PYTEST_ARGS)
+
+test-host: test
 
 # the kernel lab alone: Debian 11/12/13 guests on their own kernels (cache: IMDS_TRACER_LAB_CACHE)
 test-matrix: deps
