@@ -47,7 +47,6 @@ class _Stream:
     held: dict = field(default_factory=dict)  # seq -> (bytes, lost), segments that came early
     held_since: float = 0.0        # when the oldest of them came
     gap: bool = False              # bytes given up on: the responses waited for are unsure
-    truncated: bool = False        # bytes of the message being buffered were not captured
     started: float = 0.0           # time of the first chunk of the message being buffered
 
 
@@ -241,6 +240,7 @@ class FlowTable:
 
     def _consume_request(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                          ts: float) -> None:
+        """`data`, then `lost` bytes that were not captured (cut by a copy limit, or a hole)."""
         if stream.skip:
             data, lost = self._skip_body(stream, data, lost)
             if data is None:
@@ -253,10 +253,15 @@ class FlowTable:
             stream.resync = False
         if not stream.buf:
             stream.started = ts
-            stream.truncated = False
         stream.buf += data
+        self._request_heads(flow, key, stream, ts)
         if lost:
-            stream.truncated = True
+            cut = self._cut(stream, lost)
+            if cut:   # the head being buffered: what was captured of it
+                self._head(flow, key, cut, stream.started, truncated=True)
+
+    def _request_heads(self, flow: _Flow, key, stream: _Stream, ts: float) -> None:
+        """Every complete request head in the buffer (bodies passed over by their length)."""
         while stream.buf and not stream.skip:
             buf = stream.buf
             if not http.could_start_request(buf):
@@ -266,15 +271,14 @@ class FlowTable:
                 return
             end = http.head_end(buf)
             if end < 0:
-                if len(buf) > http.MAX_HEAD or stream.truncated:
+                if len(buf) > http.MAX_HEAD:
                     self._head(flow, key, bytes(buf), stream.started, truncated=True)
                     buf.clear()
                     stream.resync = True
                 return
             head = bytes(buf[:end])
-            self._head(flow, key, head, stream.started, truncated=stream.truncated, done=ts)
+            self._head(flow, key, head, stream.started, done=ts)
             del buf[:end]
-            stream.truncated = False
             stream.started = ts
             body, chunked = http.body_framing(head)
             if chunked:
@@ -285,7 +289,6 @@ class FlowTable:
             taken = min(body, len(buf))
             del buf[:taken]
             stream.skip = body - taken
-        self._account_lost(stream, lost)
 
     def _consume_response(self, flow: _Flow, key, stream: _Stream, data: bytes, lost: int,
                           ts: float) -> None:
@@ -311,6 +314,14 @@ class FlowTable:
             data = data[at:]
             stream.resync = stream.chunked = False
         stream.buf += data
+        self._response_heads(flow, stream)
+        if lost:
+            cut = self._cut(stream, lost)
+            if cut:   # the status line is all we need; the rest was not captured
+                self._status(flow, http.parse_status(cut))
+
+    def _response_heads(self, flow: _Flow, stream: _Stream) -> None:
+        """Every complete response head in the buffer, each given to the request it answers."""
         while stream.buf and not stream.skip and not stream.chunked:
             buf = stream.buf
             if not http.could_start_response(buf):
@@ -319,8 +330,7 @@ class FlowTable:
                 return
             end = http.head_end(buf)
             if end < 0:
-                if len(buf) > http.MAX_HEAD or lost:
-                    # the status line is all we need; the rest was not captured
+                if len(buf) > http.MAX_HEAD:
                     self._status(flow, http.parse_status(bytes(buf)))
                     buf.clear()
                     stream.resync = True
@@ -345,10 +355,9 @@ class FlowTable:
             taken = min(body, len(buf))
             del buf[:taken]
             stream.skip = body - taken
-        self._account_lost(stream, lost)
 
-    @staticmethod
-    def _skip_body(stream: _Stream, data: bytes, lost: int):
+    @classmethod
+    def _skip_body(cls, stream: _Stream, data: bytes, lost: int):
         """Pass over the rest of a body (stream.skip > 0). Returns the bytes after it (None
         when there are none) and how many uncaptured bytes follow those."""
         if stream.skip < len(data):
@@ -356,24 +365,23 @@ class FlowTable:
             stream.skip = 0
             return data, lost
         stream.skip -= len(data)
-        if stream.skip >= lost:
-            stream.skip -= lost
-        else:  # the body ended inside bytes not captured: the next message's start is gone
-            stream.skip = 0
-            stream.resync = True
+        if lost:
+            cls._cut(stream, lost)   # the body ended inside them: the next start is gone
         return None, 0
 
     @staticmethod
-    def _account_lost(stream: _Stream, lost: int) -> None:
-        """Bytes of this chunk that the source did not copy follow what we consumed."""
-        if not lost:
-            return
+    def _cut(stream: _Stream, lost: int) -> bytes:
+        """`lost` uncaptured bytes follow what was consumed. Inside a body they are passed
+        over; otherwise the message being buffered is cut there (its captured bytes are
+        returned, to be logged as cut) and the stream resumes at the next message start."""
         if stream.skip >= lost:
             stream.skip -= lost
-        else:
-            stream.skip = 0
-            stream.buf.clear()
-            stream.resync = True
+            return b""
+        cut = b"" if stream.resync else bytes(stream.buf)
+        stream.skip = 0
+        stream.buf.clear()
+        stream.resync = True
+        return cut
 
     def _head(self, flow: _Flow, key, raw: bytes, ts: float, *, truncated: bool = False,
               unparsed: bool = False, done: float | None = None) -> None:

@@ -119,6 +119,41 @@ def test_head_cut_by_the_capture_is_marked_truncated():
     assert len(r.out) == 1 and r.out[0].truncated and r.out[0].head.method == "GET"
 
 
+def _named(name: bytes) -> bytes:
+    return GET.replace(b"meta-data/", b"meta-data/" + name)
+
+
+def test_a_chunk_cut_after_a_whole_head_cuts_only_the_head_after_it():
+    # one send / one segment: a whole request, then the start of the next one, then bytes the
+    # copy limit (or a hole) left out. Only the second is cut; the request that follows the
+    # lost bytes is logged on its own, never appended to the cut one
+    for seq in (None, 1):
+        r = Recorder()
+        first, cut, after = _named(b"whole"), _named(b"cut"), _named(b"after")
+        r.send(first + cut[:20], seq=seq, lost=len(cut) - 20 + 500)
+        r.send(after, seq=None if seq is None else 1 + len(first) + len(cut) + 500)
+        r.flush()
+        assert [(e.head.target, e.truncated) for e in r.out] == [
+            ("/latest/meta-data/whole", False), ("/latest/meta-dat", True),
+            ("/latest/meta-data/after", False)], seq
+        assert all(len(e.head.headers) == 1 for e in r.out[::2]), seq
+
+
+def test_a_response_chunk_cut_after_a_whole_head_still_pairs_what_follows():
+    for seq in (None, 1):
+        r = Recorder()
+        at = 1
+        for name in (b"a", b"b", b"c"):
+            r.send(_named(name), seq=None if seq is None else at)
+            at += len(_named(name))
+        no = b"HTTP/1.1 404 No\r\nContent-Length: 0\r\n\r\n"
+        r.send(OK + b"HTTP/1.1 403 Forb", RESP, seq=seq, lost=3000)
+        r.send(no, RESP, seq=None if seq is None else 1 + len(OK) + 17 + 3000)
+        assert r.summary() == [("GET", "/latest/meta-data/a", 200),
+                               ("GET", "/latest/meta-data/b", 403),
+                               ("GET", "/latest/meta-data/c", 404)], seq
+
+
 def test_oversized_head_is_bounded():
     r = Recorder()
     r.send(b"GET / HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 40000)
