@@ -238,7 +238,8 @@ class CgroupSource(KernelSource):
             process = self._snapshot(ev, info)
         before = len(self._out)
         self.demux.ip_packet(payload, 0, version, self.wall_time(ev.ts_ns), self._out,
-                             scope=ev.conn_id, process=process)
+                             wire_len=len(payload) + ev.lost_bytes, scope=ev.conn_id,
+                             process=process)
         # a socket carries one connection: once the decoder closed it, its process facts go
         # too (this backend has no close event; without this they stayed until evicted)
         for item in self._out[before:]:

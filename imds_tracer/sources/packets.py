@@ -53,8 +53,15 @@ class TcpDemux:
         return len(self._conns)
 
     def ip_packet(self, data: bytes, off: int, version: int, ts: float, out, *,
-                  scope: Hashable = None, process: ProcessSnapshot | None = None) -> bool:
-        """One IP packet starting at data[off]. True when it belonged to a watched address."""
+                  wire_len: int = 0, scope: Hashable = None,
+                  process: ProcessSnapshot | None = None) -> bool:
+        """One IP packet starting at data[off], of which `data` may hold only the first bytes:
+        `wire_len` is the length of all of `data` as sent (0: unknown). True when it belonged
+        to a watched address.
+
+        The IP header's length says where the packet ends, except in a GSO packet bigger
+        than 64 KiB (BIG TCP: on loopback and fast NICs since Linux 6.3), which carries 0
+        there: then only `wire_len` tells how much of it was not captured."""
         if version == 4:
             if len(data) < off + 20 or data[off + 9] != 6:
                 return False
@@ -63,13 +70,14 @@ class TcpDemux:
             if _u16(data, off + 6)[0] & 0x1FFF:
                 return False  # a later fragment: no TCP header
             src, dst = data[off + 12:off + 16], data[off + 16:off + 20]
-            end = off + total if total else len(data)
+            end = off + total if total else max(wire_len, len(data))
             off += ihl
         else:
             if len(data) < off + 40 or data[off + 6] != 6:
                 return False
             src, dst = data[off + 8:off + 24], data[off + 24:off + 40]
-            end = off + 40 + _u16(data, off + 4)[0]
+            total = _u16(data, off + 4)[0]
+            end = off + 40 + total if total else max(wire_len, len(data))
             off += 40
         addresses = self.addresses
         if src not in addresses and dst not in addresses:

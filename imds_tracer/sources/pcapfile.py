@@ -15,7 +15,8 @@ from __future__ import annotations
 import struct
 from typing import BinaryIO, Iterator, List, Tuple
 
-Record = Tuple[int, float, bytes]   # (link type, seconds since the epoch, captured bytes)
+Record = Tuple[int, float, bytes, int]   # (link type, seconds since the epoch, captured bytes,
+                                         #  the packet's length on the wire)
 
 PCAP_MAGICS = {b"\xd4\xc3\xb2\xa1": ("<", 1e6), b"\xa1\xb2\xc3\xd4": (">", 1e6),
                b"\x4d\x3c\xb2\xa1": ("<", 1e9), b"\xa1\xb2\x3c\x4d": (">", 1e9)}
@@ -82,11 +83,11 @@ def _pcap_records(fh: BinaryIO, record_header: struct.Struct, linktype: int,
             return
         if len(raw) < 16:
             raise CaptureError("the file ends inside a record header", cut=True)
-        sec, frac, caplen, _wirelen = record_header.unpack(raw)
+        sec, frac, caplen, wire_len = record_header.unpack(raw)
         if caplen > MAX_RECORD:
             raise CaptureError(f"a record claims {caplen} bytes")
         data = fh.read(caplen)
-        yield linktype, sec + frac / per_second, data
+        yield linktype, sec + frac / per_second, data, wire_len
         if len(data) < caplen:
             raise CaptureError("the file ends inside a record", cut=True)
 
@@ -109,9 +110,9 @@ def _pcapng(fh: BinaryIO, block_type: bytes) -> Iterator[Record]:
             if kind == BLOCK_IDB:
                 interfaces.append(_interface(body, endian))
             elif kind in (BLOCK_EPB, BLOCK_OPB, BLOCK_SPB):
-                linktype, ts, data = _packet(kind, body, endian, interfaces)
+                linktype, ts, data, wire_len = _packet(kind, body, endian, interfaces)
                 last_ts = last_ts if ts is None else ts
-                yield linktype, last_ts, data
+                yield linktype, last_ts, data, wire_len
         block_type = fh.read(4)
         if not block_type:
             return
@@ -144,18 +145,20 @@ def _interface(body: bytes, endian: str) -> Tuple[int, float]:
 
 
 def _packet(kind: int, body: bytes, endian: str, interfaces: List):
-    """(link type, time or None, data) of a packet block."""
+    """(link type, time or None, data, length on the wire) of a packet block."""
     if kind == BLOCK_SPB:   # interface 0, no timestamp; the packet's length, then it, padded
         if not interfaces or len(body) < 4:
             raise CaptureError("a simple packet block without an interface")
-        return interfaces[0][0], None, body[4:4 + struct.unpack(endian + "I", body[:4])[0]]
+        wire_len = struct.unpack(endian + "I", body[:4])[0]
+        return interfaces[0][0], None, body[4:4 + wire_len], wire_len
     if len(body) < 20:
         raise CaptureError("a packet block is too short")
     if kind == BLOCK_EPB:
-        iface, high, low, caplen = struct.unpack(endian + "IIII", body[:16])
+        iface, high, low, caplen, wire_len = struct.unpack(endian + "IIIII", body[:20])
     else:
-        iface, _drops, high, low, caplen = struct.unpack(endian + "HHIII", body[:16])
+        iface, _drops, high, low, caplen, wire_len = struct.unpack(endian + "HHIIII",
+                                                                   body[:20])
     if iface >= len(interfaces):
         raise CaptureError(f"a packet of interface {iface}, which the file does not describe")
     linktype, per_second = interfaces[iface]
-    return linktype, ((high << 32) | low) / per_second, body[20:20 + caplen]
+    return linktype, ((high << 32) | low) / per_second, body[20:20 + caplen], wire_len

@@ -103,11 +103,11 @@ class PcapReplay:
     def _batches(self, path: str, stream) -> Iterator[Tuple[Batch, Optional[float]]]:
         stats, batch, last_tick, error = self.stats, Batch(), None, None
         try:
-            for linktype, ts, data in stream:
+            for linktype, ts, data, wire_len in stream:
                 if not MIN_TS <= ts <= MAX_TS:
                     raise ValueError(f"packet {stats.packets + 1} is stamped {ts:.0f} s "
                                      "from 1970, outside the years 1900-9999")
-                self.packet(linktype, data, ts, batch)
+                self.packet(linktype, data, ts, batch, wire_len)
                 if last_tick is None or ts - last_tick >= TICK_EVERY:
                     yield batch, ts
                     batch, last_tick = Batch(), ts
@@ -124,13 +124,14 @@ class PcapReplay:
         if error:
             raise SourceError(f"{path}: {error}")
 
-    def packet(self, linktype: int, data: bytes, ts: float, out: Batch) -> None:
+    def packet(self, linktype: int, data: bytes, ts: float, out: Batch,
+               wire_len: int = 0) -> None:
         self.stats.packets += 1
         where = _ip_payload(linktype, data)
         if where is None:
             return
         version, off = where
-        if self.demux.ip_packet(data, off, version, ts, out):
+        if self.demux.ip_packet(data, off, version, ts, out, wire_len=wire_len):
             self.stats.matched += 1
 
 

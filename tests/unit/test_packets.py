@@ -62,6 +62,33 @@ def test_bytes_beyond_the_copy_are_reported_lost():
     assert (chunk.data, chunk.lost) == (REQUEST, 3000 - len(REQUEST))
 
 
+def ipv6_tcp(src, dst, sport, dport, seq, flags, payload=b"", plen=None):
+    import ipaddress
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0)
+    length = plen if plen is not None else len(tcp) + len(payload)
+    return (struct.pack("!IHBB", 6 << 28, length, 6, 64) + ipaddress.ip_address(src).packed
+            + ipaddress.ip_address(dst).packed + tcp + payload)
+
+
+def test_a_packet_bigger_than_64k_is_cut_not_shortened():
+    # BIG TCP (Linux >= 6.3 IPv4, 5.19 IPv6): one GSO packet of up to 512 KiB whose IP length
+    # field is 0. How much of it the copy limit / snap length left out is what the source
+    # says it sent (skb->len, a pcap record's original length): those bytes are lost, not
+    # a hole after the captured ones, nor (IPv6) the whole packet ignored
+    for version, packet, addr in (
+            (4, ipv4_tcp(CLIENT, IMDS, 40000, 80, 7, TCP_ACK, REQUEST, total=0), IMDS),
+            (6, ipv6_tcp("fd00::5", "fd00:ec2::254", 40000, 80, 7, TCP_ACK, REQUEST, plen=0),
+             "fd00:ec2::254")):
+        demux, rec = TcpDemux([addr], [80], "cgroup"), Recorder()
+        assert demux.ip_packet(packet, 0, version, 1.0, rec, wire_len=len(packet) + 150000)
+        chunk, = rec.chunks
+        assert (chunk.data, chunk.lost, chunk.seq) == (REQUEST, 150000, 7), version
+        # not knowing the length sent: what was captured is the packet
+        demux, rec = TcpDemux([addr], [80], "cgroup"), Recorder()
+        demux.ip_packet(packet, 0, version, 1.0, rec)
+        assert [(c.data, c.lost) for c in rec.chunks] == [(REQUEST, 0)], version
+
+
 def test_connections_are_bounded_oldest_closed_first():
     demux, rec = TcpDemux([IMDS], [80], "replay", max_conns=2), Recorder()
     for port in (40001, 40002, 40003):

@@ -32,23 +32,25 @@ def test_records_are_scapys(path):
     for data, meta in reader:
         if ng:
             theirs.append((meta.linktype, ((meta.tshigh << 32) | meta.tslow) / meta.tsresol,
-                           data))
+                           data, meta.wirelen))
         else:
             theirs.append((reader.linktype, meta.sec + meta.usec / (1e9 if reader.nano
-                                                                     else 1e6), data))
+                                                                     else 1e6), data,
+                           meta.wirelen))
     reader.close()
     ours = read_all(path)
     assert len(ours) == len(theirs) > 0
-    for (link, ts, data), (their_link, their_ts, their_data) in zip(ours, theirs):
-        assert (link, data) == (their_link, their_data)
+    for (link, ts, data, wire), (their_link, their_ts, their_data, their_wire) in zip(ours,
+                                                                                     theirs):
+        assert (link, data, wire) == (their_link, their_data, their_wire)
         assert ts == pytest.approx(their_ts, abs=1e-6)
 
 
 def pcap(endian: str, nano: bool, packets, linktype: int = 101) -> bytes:
     magic = 0xA1B23C4D if nano else 0xA1B2C3D4
     out = struct.pack(endian + "IHHiIII", magic, 2, 4, 0, 0, 65535, linktype)
-    for sec, frac, data in packets:
-        out += struct.pack(endian + "IIII", sec, frac, len(data), len(data)) + data
+    for sec, frac, data, *wire in packets:   # wire: the length sent, when more was
+        out += struct.pack(endian + "IIII", sec, frac, len(data), *(wire or [len(data)])) + data
     return out
 
 
@@ -56,9 +58,10 @@ def pcap(endian: str, nano: bool, packets, linktype: int = 101) -> bytes:
 @pytest.mark.parametrize("nano", [False, True])
 def test_pcap_byte_orders_and_nanoseconds(tmp_path, endian, nano):
     path = tmp_path / "x.pcap"
-    path.write_bytes(pcap(endian, nano, [(1795000000, 250, b"\x45abc"), (1795000001, 0, b"")]))
-    (link, ts, data), (_link, ts2, empty) = read_all(path)
-    assert (link, data, empty) == (101, b"\x45abc", b"")
+    path.write_bytes(pcap(endian, nano, [(1795000000, 250, b"\x45abc", 70000),
+                                         (1795000001, 0, b"")]))
+    (link, ts, data, wire), (_link, ts2, empty, _wire) = read_all(path)
+    assert (link, data, wire, empty) == (101, b"\x45abc", 70000, b"")
     assert ts == pytest.approx(1795000000 + 250 / (1e9 if nano else 1e6), abs=1e-9)
     assert ts2 == 1795000001
 
@@ -86,25 +89,28 @@ def idb(endian: str, linktype: int, tsresol: int | None = None) -> bytes:
     return block(endian, 1, struct.pack(endian + "HHI", linktype, 0, 0) + options)
 
 
-def epb(endian: str, iface: int, ticks: int, data: bytes) -> bytes:
+def epb(endian: str, iface: int, ticks: int, data: bytes, wire: int = 0) -> bytes:
     return block(endian, 6, struct.pack(endian + "IIIII", iface, ticks >> 32,
-                                        ticks & 0xFFFFFFFF, len(data), len(data)) + data)
+                                        ticks & 0xFFFFFFFF, len(data), wire or len(data))
+                 + data)
 
 
 @pytest.mark.parametrize("endian", ["<", ">"])
 def test_pcapng_resolutions_interfaces_and_packet_blocks(tmp_path, endian):
     ns = 1795000000_123456789
     opb = block(endian, 2, struct.pack(endian + "HHIIII", 1, 0, (ns // 1000) >> 32,
-                                       (ns // 1000) & 0xFFFFFFFF, 2, 2) + b"\x60\x00")
+                                       (ns // 1000) & 0xFFFFFFFF, 2, 9000) + b"\x60\x00")
     spb = block(endian, 3, struct.pack(endian + "I", 3) + b"\x45\x00\x00")
     other = block(endian, 5, b"statistics")   # a block kind we pass over
     path = tmp_path / "x.pcapng"
     path.write_bytes(shb(endian) + idb(endian, 1, tsresol=9) + idb(endian, 101)
-                     + epb(endian, 0, ns, b"frame") + other + opb + spb)
-    (link, ts, data), (link2, ts2, data2), (link3, ts3, data3) = read_all(path)
-    assert (link, data) == (1, b"frame") and ts == pytest.approx(ns / 1e9, abs=1e-6)
-    assert (link2, data2) == (101, b"\x60\x00") and ts2 == pytest.approx(ns / 1e9, abs=1e-5)
-    assert (link3, data3, ts3) == (1, b"\x45\x00\x00", ts2)   # no time of its own
+                     + epb(endian, 0, ns, b"frame", 131072) + other + opb + spb)
+    (link, ts, data, wire), (link2, ts2, data2, wire2), (link3, ts3, data3, wire3) = \
+        read_all(path)
+    assert (link, data, wire) == (1, b"frame", 131072) and ts == pytest.approx(ns / 1e9, abs=1e-6)
+    assert (link2, data2, wire2) == (101, b"\x60\x00", 9000)
+    assert ts2 == pytest.approx(ns / 1e9, abs=1e-5)
+    assert (link3, data3, ts3, wire3) == (1, b"\x45\x00\x00", ts2, 3)   # no time of its own
 
 
 @pytest.mark.parametrize("blob, words", [
@@ -133,7 +139,7 @@ def test_a_cut_file_is_told_apart_after_its_records(tmp_path):
         got = [next(stream) for _ in range(3)]
         with pytest.raises(CaptureError) as caught:
             next(stream)
-    assert caught.value.cut and [len(d) for _l, _t, d in got] == [40, 40, 30]
+    assert caught.value.cut and [len(d) for _l, _t, d, _w in got] == [40, 40, 30]
     ng = shb("<") + idb("<", 101) + epb("<", 0, 1, b"\x45" * 40)
     path.write_bytes(ng[:-6])
     with pytest.raises(CaptureError) as caught:
