@@ -164,7 +164,9 @@ class Agent:
             sd_notify("READY=1\nSTATUS=capturing with the %s backend" % source.name)
             while not self._stop:
                 pipeline.take(source.poll(POLL_MS))
-                pipeline.tick(time.time())
+                # the time the source has caught up to, not the clock: requests whose
+                # answer waits unread in the buffer are not unanswered
+                pipeline.tick(min(time.time(), source.watermark()))
                 if self._reopen:
                     self._reopen = False
                     pipeline.reopen()

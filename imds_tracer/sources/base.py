@@ -39,5 +39,9 @@ class Source(Protocol):
     def poll(self, timeout_ms: int) -> List[SourceItem]:
         """What arrived, in order; waits at most timeout_ms for the first of it."""
 
+    def watermark(self) -> float:
+        """Wall time up to which every event has been returned by poll (what the pipeline's
+        time-outs are judged by)."""
+
     def stop(self) -> None:
         """Detach and free; safe to call twice."""

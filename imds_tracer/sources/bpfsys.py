@@ -17,8 +17,9 @@ import os
 import platform
 import select
 import struct
+import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "ppc64le": 319, "s390x": 331,
@@ -154,7 +155,33 @@ RINGBUF_BUSY, RINGBUF_DISCARD, RINGBUF_HDR = 1 << 31, 1 << 30, 8
 MAX_RECORDS = 4096   # per poll, per buffer
 
 
-class RingBufferReader:
+class _Reader:
+    """What both readers share: `poll`, and `drained_at`, the monotonic time by which every
+    record the kernel had written was handed over (the start of the last pass that emptied
+    the buffers)."""
+
+    epoll: select.epoll
+    drained_at = 0.0
+
+    def poll(self, timeout_ms: int, callback: Callback) -> int:
+        """Hands the records available (at most MAX_RECORDS per buffer) to `callback`; waits
+        up to timeout_ms for the first. Returns the number of records."""
+        start = time.monotonic()
+        count, drained = self._consume(callback)
+        if count == 0 and timeout_ms > 0:
+            self.epoll.poll(timeout_ms / 1000.0)
+            start = time.monotonic()
+            count, drained = self._consume(callback)
+        if drained:
+            self.drained_at = start
+        return count
+
+    def _consume(self, callback: Callback) -> Tuple[int, bool]:
+        """(records handed over, whether the buffers are now empty)."""
+        raise NotImplementedError
+
+
+class RingBufferReader(_Reader):
     """Consumer of a BPF_MAP_TYPE_RINGBUF map (kernel >= 5.8) by its fd."""
 
     def __init__(self, map_fd: int, data_size: int):
@@ -171,17 +198,9 @@ class RingBufferReader:
         self.data = memoryview(self.producer)[page:]
         self.epoll = select.epoll()
         self.epoll.register(map_fd, select.EPOLLIN)
+        self.drained_at = time.monotonic()
 
-    def poll(self, timeout_ms: int, callback: Callback) -> int:
-        """Hands the records available (at most MAX_RECORDS) to `callback`; waits up to
-        timeout_ms for the first. Returns the number of records."""
-        count = self._consume(callback)
-        if count == 0 and timeout_ms > 0:
-            self.epoll.poll(timeout_ms / 1000.0)
-            count = self._consume(callback)
-        return count
-
-    def _consume(self, callback: Callback) -> int:
+    def _consume(self, callback: Callback) -> Tuple[int, bool]:
         """Up to MAX_RECORDS of what was committed when it started: a producer faster than
         the reader must not grow one poll's batch without bound (the rest waits in the ring;
         what no longer fits there is counted lost by the kernel side)."""
@@ -192,7 +211,7 @@ class RingBufferReader:
             off = cons & self.mask
             word = struct.unpack_from("<I", self.data, off)[0]
             if word & RINGBUF_BUSY:   # reserved, not yet committed
-                return count
+                return count, True
             length = word & ~(RINGBUF_BUSY | RINGBUF_DISCARD)
             if not word & RINGBUF_DISCARD:
                 start = off + RINGBUF_HDR   # headers are 8-aligned: never split
@@ -204,7 +223,7 @@ class RingBufferReader:
                 count += 1
             cons += (length + RINGBUF_HDR + 7) & ~7
             struct.pack_into("<Q", self.consumer, 0, cons)
-        return count
+        return count, cons >= prod
 
     def close(self) -> None:
         self.epoll.close()
@@ -252,7 +271,7 @@ class _PerfRing:
         return count
 
 
-class PerfBufferReader:
+class PerfBufferReader(_Reader):
     """Consumer of per-CPU perf event buffers (PERF_COUNT_SW_BPF_OUTPUT) by their fds, for
     kernels without BPF ring buffers."""
 
@@ -262,13 +281,11 @@ class PerfBufferReader:
         self.epoll = select.epoll()
         for ring in self.rings:
             self.epoll.register(ring.fd, select.EPOLLIN)
+        self.drained_at = time.monotonic()
 
-    def poll(self, timeout_ms: int, callback: Callback) -> int:
-        count = sum(ring.consume(callback, self.lost) for ring in self.rings)
-        if count == 0 and timeout_ms > 0:
-            self.epoll.poll(timeout_ms / 1000.0)
-            count = sum(ring.consume(callback, self.lost) for ring in self.rings)
-        return count
+    def _consume(self, callback: Callback) -> Tuple[int, bool]:
+        counts = [ring.consume(callback, self.lost) for ring in self.rings]
+        return sum(counts), max(counts, default=0) < MAX_RECORDS
 
     def close(self) -> None:
         self.epoll.close()

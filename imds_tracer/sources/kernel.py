@@ -77,6 +77,7 @@ class KernelSource:
         self._last_counter_read = 0.0
         self._last_note = 0.0
         self._clock_offset = time.time() - time.monotonic()
+        self._last_ts_ns = 0    # the kernel time of the latest record handed over
         self.stats = {"events": 0, "connects": 0, "sends": 0, "recvs": 0, "closes": 0,
                       "resets": 0, "kernel_lost": 0, "argv_from_exec_cache": 0,
                       "argv_from_proc": 0, "argv_unknown": 0, "proc_argv_gone_at_connect": 0,
@@ -203,6 +204,7 @@ class KernelSource:
         ev = EventHeader.from_buffer_copy(raw[:HEADER_SIZE])
         payload = raw[HEADER_SIZE:HEADER_SIZE + ev.payload_len]
         self.stats["events"] += 1
+        self._last_ts_ns = max(self._last_ts_ns, ev.ts_ns)
         try:
             self.handle_event(ev, payload)
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the agent
@@ -213,6 +215,16 @@ class KernelSource:
             log.error("kernel event of kind %d dropped: %s in %s line %d", ev.kind,
                       type(exc).__name__, tb.tb_frame.f_code.co_name, tb.tb_lineno)
             self._out.drop("event_error", 1)
+
+    def watermark(self) -> float:
+        """The wall time up to which poll has returned every record the kernel wrote: the
+        start of the last poll that emptied the buffer, or, when a burst left records in it,
+        the latest record returned. Time-outs are judged by it, not by the clock: when the
+        agent falls behind (a slow first lookup, a busy host), a response still in the
+        buffer must not make its request 'unanswered', nor a segment there make a hole."""
+        if self._output is None:
+            return time.time()
+        return max(self._output.drained_at + self._clock_offset, self.wall_time(self._last_ts_ns))
 
     def wall_time(self, ts_ns: int) -> float:
         return ts_ns / 1e9 + self._clock_offset

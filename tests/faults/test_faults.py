@@ -31,6 +31,7 @@ from imds_tracer import report
 from imds_tracer.agent import Agent
 from imds_tracer.config import Config
 from tests.lab.agent import AgentProcess, free_port
+from tests.lab.clients import READ_RESPONSE
 from tests.unprivileged import NOBODY, base_python
 
 REPO = Path(__file__).resolve().parents[2]
@@ -583,4 +584,85 @@ def test_sighup_with_a_symlink_planted_as_the_log_writes_nothing_through_it(lab,
     assert log.is_symlink()
     assert agent.metric("imds_tracer_dropped_total", 'kind="log_write"') >= 1
     assert agent.alive()
+    assert agent.stop() == 0
+
+
+@contextlib.contextmanager
+def cpu_starved(pid: int, quota_us: int = 1000, period_us: int = 1_000_000):
+    """`pid`, all its threads, gets `quota_us` of CPU time per `period_us`: a host too busy
+    to give the agent its share. Its cgroup is a cpu controller's (v1 or v2) of its own,
+    removed afterwards (the process goes back where it was)."""
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    v1 = next((m[1] for m in mounts if m[2] == "cgroup" and "cpu" in m[3].split(",")), None)
+    v2 = next((m[1] for m in mounts if m[2] == "cgroup2"), None)
+    name = f"imds-starved-{secrets.token_hex(4)}"
+    if v1 is not None:
+        home, group = Path(v1), Path(v1) / name
+        limits = {"cpu.cfs_period_us": str(period_us), "cpu.cfs_quota_us": str(quota_us)}
+    elif v2 is not None and "cpu" in (Path(v2) / "cgroup.subtree_control").read_text().split():
+        home, group = Path(v2), Path(v2) / name
+        limits = {"cpu.max": f"{quota_us} {period_us}"}
+    else:
+        pytest.fail("no cpu controller to starve the agent with")
+    line = next(x for x in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                if (v1 is None and x.startswith("0::"))
+                or (v1 is not None and "cpu" in x.split(":")[1].split(",")))
+    was = home / line.split(":", 2)[2].lstrip("/")
+    group.mkdir()
+    try:
+        for knob, value in limits.items():
+            (group / knob).write_text(value)
+        (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        with contextlib.suppress(OSError):   # the process may be gone
+            (was / "cgroup.procs").write_text(str(pid))
+        group.rmdir()
+
+
+SLOW_SERVER = f"""
+import socket, threading, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("{AWS_IP}", {SILENT_PORT})); srv.listen(64)
+print("READY", flush=True)
+def serve(conn):
+    f = conn.makefile("rb")
+    while True:
+        while f.readline() not in (b"\\r\\n", b""):
+            pass
+        time.sleep(0.5)   # a slow answer, well inside the agent's response_wait
+        conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize("backend", ["cgroup", "tracepoint"])
+def test_an_agent_that_falls_behind_calls_no_answered_request_unanswered(lab, agents,
+                                                                       backend):
+    # a starved agent reads responses seconds after their requests were sent: each answered
+    # in 0.5 s, no request may be logged without its status (a wrong "never answered" is
+    # what the fallback finding and the report build on)
+    agent = agents(backend=backend).start()
+    marker = "fault-starved-" + secrets.token_hex(4)
+    client = READ_RESPONSE + (
+        "import socket\n"
+        f"s = socket.create_connection(('{AWS_IP}', {SILENT_PORT})); f = s.makefile('rb')\n"
+        "for i in range(8):\n"
+        f"    s.sendall(b'GET /latest/meta-data/{marker}-%02d HTTP/1.1\\r\\nHost: x"
+        "\\r\\n\\r\\n' % i)\n"
+        "    read_response(f)\n")
+    proc = lab.popen([PYTHON, "-c", SLOW_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        with cpu_starved(agent.proc.pid):
+            lab.run([PYTHON, "-c", client], timeout=60, check=True)
+            time.sleep(3)   # still starved while the last answers wait in the buffer
+    finally:
+        proc.kill()
+        proc.wait(5)
+    records = agent.wait_records(marker, 8, timeout=60)
+    assert [(r["path"].rsplit("-", 1)[1], r["status"]) for r in records] == \
+        [(f"{i:02d}", 200) for i in range(8)], agent.stderr()[-2000:]
     assert agent.stop() == 0
