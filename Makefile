@@ -35,15 +35,16 @@ deps: venv
 run: deps
 	$(VENV)/bin/imds-tracer run $(ARGS)
 
-# unit, replay, faults, packaging and this kernel's tests. The kernel lab's Debian 11/12/13
-# guests (tests/matrix) run in `make test-matrix`, not here until the Debian 12 (6.1) cell's
-# late-start test stops failing intermittently (README)
+# everything: unit, replay, faults, packaging, this kernel's tests, and the kernel lab's
+# Debian 11/12/13 guests on their own kernels (tests/matrix; cache: IMDS_TRACER_LAB_CACHE)
 test: deps
+	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# this host only (no guests)
+test-host: deps
 	$(PY) -m pytest -ra --ignore=tests/matrix $(PYTEST_ARGS)
 
-test-host: test
-
-# the kernel lab alone: Debian 11/12/13 guests on their own kernels (cache: IMDS_TRACER_LAB_CACHE)
+# the kernel lab alone
 test-matrix: deps
 	$(PY) -m pytest -ra tests/matrix $(PYTEST_ARGS)
 
