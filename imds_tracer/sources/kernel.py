@@ -84,20 +84,17 @@ class KernelSource:
                       "stale_fds_forgotten": 0, "exec_argv_truncated": 0}
 
     # ---- lifecycle ---------------------------------------------------------------------
-    def begin(self) -> None:
-        """Starts the loader (compiling takes a while: the caller may do other work)."""
-        if self._loader is None and self._output is None:
-            self._loader = LoaderProcess(self.name, spec_of(
-                self.config, use_perf=self.use_perf, keep_caps=caps.AGENT_KEEPS))
-
     def start(self) -> int:
-        """Waits for the loader's descriptors and opens the event stream: the number of
+        """Runs the loader, takes its descriptors and opens the event stream: the number of
         probes attached. Raises SourceError (then nothing is attached)."""
         if self._output is not None:   # open_source() returns a started source
             return self.probes
-        self.begin()
-        loader, self._loader = self._loader, None
-        self.take_over(*loader.receive())
+        # held while it runs: stop() (on an interrupt) kills it
+        self._loader = LoaderProcess(self.name, spec_of(
+            self.config, use_perf=self.use_perf, keep_caps=caps.AGENT_KEEPS))
+        loaded = self._loader.receive()
+        self._loader = None
+        self.take_over(*loaded)
         return self.probes
 
     def take_over(self, manifest: dict, fds: List[int]) -> None:

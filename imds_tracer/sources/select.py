@@ -3,7 +3,7 @@ says `--backend auto` would use is what `run` uses."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional
+from typing import TYPE_CHECKING, List, NamedTuple
 
 from . import caps
 from .base import SourceError
@@ -40,15 +40,12 @@ def candidates(backend_name: str) -> list:
     raise SourceError(f"unknown backend {backend_name!r} (use auto, {', '.join(backends)})")
 
 
-def select_backend(config: "Config", backend_name: str, *, load: bool = True,
-                   while_loading: Optional[Callable[[], None]] = None) -> Selection:
+def select_backend(config: "Config", backend_name: str, *, load: bool = True) -> Selection:
     """The started source for --backend auto|cgroup|kprobe|tracepoint, and why each backend
     tried before it could not run. With load=False, the first backend not ruled out by the
     checks that need no compile (not started: a guess that loading may still refute).
-    `while_loading` runs once while the first loader compiles (e.g. opening the outputs);
-    if it raises, the load is abandoned. Raises SourceError."""
+    Raises SourceError."""
     passed_over = []
-    pending = while_loading
     for cls in candidates(backend_name):
         why_not = cls.unavailable_reason()
         if why_not:
@@ -60,11 +57,7 @@ def select_backend(config: "Config", backend_name: str, *, load: bool = True,
         source = cls(config)
         if not load:
             return Selection(source, passed_over)
-        source.begin()
         try:
-            if pending is not None:
-                pending, run = None, pending
-                run()
             source.start()
         except SourceError as exc:
             source.stop()
@@ -76,20 +69,17 @@ def select_backend(config: "Config", backend_name: str, *, load: bool = True,
             source.stop()
             raise
         return Selection(source, passed_over)
-    if pending is not None:
-        pending()
     raise SourceError("no backend could start (" + "; ".join(passed_over)
                       + "); see imds-tracer doctor")
 
 
 def open_source(config: "Config", backend_name: str, *,
-                while_loading: Optional[Callable[[], None]] = None,
                 drop_privileges: bool = True) -> "KernelSource":
     """The started source for `run`; each backend `auto` passed over is logged in one line.
     Once the descriptors are in hand, this process keeps only the capabilities the running
     agent needs (caps.AGENT_KEEPS, plus what the kernel wants for bpf() map calls; threads
     already running keep theirs: start them after this call)."""
-    source, passed_over = select_backend(config, backend_name, while_loading=while_loading)
+    source, passed_over = select_backend(config, backend_name)
     for why in passed_over:
         log.warning("backend auto: not %s", why)
     if backend_name == "auto":
