@@ -14,9 +14,9 @@ the capabilities it still needs.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from imds_tracer.config import Config
-from imds_tracer.sources import caps
+from imds_tracer.sources import bpfsys, caps
 from imds_tracer.sources.base import SourceError
 from tests.kernel.conftest import Recorder, live_map_ids, run_client, wait_maps_gone
 from tests.lab.agent import AgentProcess
@@ -61,11 +61,20 @@ def _status(pid: int, task: int | None = None) -> dict:
 
 def _documented_set() -> int:
     """What the agent keeps here: caps.AGENT_KEEPS, and CAP_BPF where the kernel checks every
-    bpf() command against kernel.unprivileged_bpf_disabled (before 6.5)."""
-    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", platform.release()).groups())
-    disabled = Path("/proc/sys/kernel/unprivileged_bpf_disabled").read_text().strip()
-    needs_bpf = (major, minor) < (6, 5) and disabled != "0"
-    return caps.AGENT_KEEPS | (1 << caps.CAP_BPF if needs_bpf else 0)
+    bpf() command against kernel.unprivileged_bpf_disabled (mainline before 6.5; Debian's
+    6.1 no longer does). Asked of the kernel another way than the loader does (which tries a
+    map lookup): a command on a descriptor that is not open fails with EPERM at that gate,
+    with EBADF past it."""
+    before = caps.effective_caps()
+    caps.set_effective(caps.AGENT_KEEPS & before)
+    try:
+        bpfsys.map_info(999999)
+        gated = False
+    except OSError as exc:
+        gated = exc.errno == errno.EPERM
+    finally:
+        caps.set_effective(before)
+    return caps.AGENT_KEEPS | (1 << caps.CAP_BPF if gated else 0)
 
 
 def _fdinfo_ids(pid: int, field: str) -> set[int]:

@@ -51,10 +51,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ROOT_PACKAGES = {
     "bullseye": "python3 python3-bpfcc python3-psutil python3-scapy python3-prometheus-client "
                 "python3-pytest python3-hypothesis python3-botocore python3-toml "
-                "iproute2 curl wget procps kmod tcpdump tshark",
+                "iproute2 curl wget procps kmod tcpdump tshark bpftool",
     "trixie": "python3 python3-bpfcc python3-psutil python3-scapy python3-prometheus-client "
               "python3-pytest python3-hypothesis python3-botocore "
-              "iproute2 curl wget procps kmod tcpdump",
+              "iproute2 curl wget procps kmod tcpdump bpftool",
 }
 # Modules the initramfs loads (with what they depend on), where they are not built in.
 INITRD_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
