@@ -23,7 +23,7 @@ NAMES = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_BPF": CAP_BPF, "CAP_PERFMON": CAP_
 # Everything else is dropped: the start-up scan of other users' /proc/PID/fd is the loader's,
 # files the agent writes are its own (uid 0 is their owner), map reads and the event buffers
 # go through descriptors it already holds. Where the kernel checks bpf() map commands against
-# kernel.unprivileged_bpf_disabled (before 6.5), the loader finds that CAP_BPF (before 5.8:
+# kernel.unprivileged_bpf_disabled (mainline before 6.5; not Debian's 6.1), the loader finds that CAP_BPF (before 5.8:
 # CAP_SYS_ADMIN) is needed for them too and the agent keeps that as well.
 AGENT_KEEPS = 1 << CAP_SYS_PTRACE
 
