@@ -23,8 +23,8 @@ NAMES = {"CAP_SYS_ADMIN": CAP_SYS_ADMIN, "CAP_BPF": CAP_BPF, "CAP_PERFMON": CAP_
 # Everything else is dropped: the start-up scan of other users' /proc/PID/fd is the loader's,
 # files the agent writes are its own (uid 0 is their owner), map reads and the event buffers
 # go through descriptors it already holds. Where the kernel checks bpf() map commands against
-# kernel.unprivileged_bpf_disabled (mainline before 6.5; not Debian's 6.1), the loader finds that CAP_BPF (before 5.8:
-# CAP_SYS_ADMIN) is needed for them too and the agent keeps that as well.
+# kernel.unprivileged_bpf_disabled (mainline before 6.5; not Debian's 6.1), the loader finds
+# that CAP_BPF (before 5.8: CAP_SYS_ADMIN) is needed for them too and the agent keeps that.
 AGENT_KEEPS = 1 << CAP_SYS_PTRACE
 
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 38, 47

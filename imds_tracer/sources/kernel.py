@@ -221,7 +221,8 @@ class KernelSource:
         buffer must not make its request 'unanswered', nor a segment there make a hole."""
         if self._output is None:
             return time.time()
-        return max(self._output.drained_at + self._clock_offset, self.wall_time(self._last_ts_ns))
+        return max(self._output.drained_at + self._clock_offset,
+                   self.wall_time(self._last_ts_ns))
 
     def wall_time(self, ts_ns: int) -> float:
         return ts_ns / 1e9 + self._clock_offset

@@ -592,9 +592,10 @@ def cpu_starved(pid: int, quota_us: int = 1000, period_us: int = 1_000_000):
     """`pid`, all its threads, gets `quota_us` of CPU time per `period_us`: a host too busy
     to give the agent its share. Its cgroup is a cpu controller's (v1 or v2) of its own,
     removed afterwards (the process goes back where it was)."""
+    from imds_tracer.sources.cgroup import cgroup2_root
     mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
     v1 = next((m[1] for m in mounts if m[2] == "cgroup" and "cpu" in m[3].split(",")), None)
-    v2 = next((m[1] for m in mounts if m[2] == "cgroup2"), None)
+    v2 = cgroup2_root()
     name = f"imds-starved-{secrets.token_hex(4)}"
     if v1 is not None:
         home, group = Path(v1), Path(v1) / name
