@@ -161,7 +161,7 @@ class _Reader:
     the buffers)."""
 
     epoll: select.epoll
-    drained_at = 0.0
+    drained_at: float   # set when the reader opens: nothing was written before it
 
     def poll(self, timeout_ms: int, callback: Callback) -> int:
         """Hands the records available (at most MAX_RECORDS per buffer) to `callback`; waits
